@@ -1,0 +1,9 @@
+"""pep_kernels: fast, deployable PEP (Plug-in Embedding Pruning, ICLR 2021)."""
+
+from ._validation import MODES as _MODES, threshold_shape
+from .functional import soft_threshold_embedding
+from .modules import PEPEmbedding
+
+THRESHOLD_MODES = tuple(_MODES)
+
+__all__ = ["PEPEmbedding", "THRESHOLD_MODES", "soft_threshold_embedding", "threshold_shape"]

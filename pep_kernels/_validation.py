@@ -1,0 +1,106 @@
+"""Threshold modes and the input checks shared by every backend.
+
+A mode says which threshold element an entry (row i, dim j) of a lookup in field f uses
+(PEP_SPEC section 1). Kernels see it as two facts: where the threshold row comes from
+(`SHARED`: the single row 0, `PER_ROW`: the looked-up row, `PER_FIELD`: the lookup's field)
+and whether the threshold has one column per dimension.
+"""
+
+import math
+
+import torch
+
+SHARED, PER_ROW, PER_FIELD = 0, 1, 2
+
+# mode -> (row source, one threshold per dimension)
+MODES = {
+    "global": (SHARED, False),
+    "dimension": (SHARED, True),
+    "feature": (PER_ROW, False),
+    "feature_dim": (PER_ROW, True),
+    "field": (PER_FIELD, False),
+    "field_dim": (PER_FIELD, True),
+}
+
+INDEX_DTYPES = (torch.int32, torch.int64)
+WEIGHT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def mode_layout(mode):
+    """(row source, per-dimension) of a mode name; ValueError for an unknown name."""
+    try:
+        return MODES[mode]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown threshold mode {mode!r}; expected one of {sorted(MODES)}") from None
+
+
+def threshold_shape(mode, num_embeddings, embedding_dim, num_fields=None):
+    """Shape of the learnable threshold `s` for a mode (PEP_SPEC section 1 table)."""
+    row_source, per_dim = mode_layout(mode)
+    if row_source == PER_FIELD and num_fields is None:
+        raise ValueError(f"threshold mode {mode!r} needs the number of fields")
+    cols = embedding_dim if per_dim else 1
+    if row_source == SHARED:
+        return (cols,)
+    return (num_embeddings if row_source == PER_ROW else num_fields, cols)
+
+
+def check_gk(gk):
+    if isinstance(gk, bool) or not isinstance(gk, (int, float)):
+        raise TypeError(f"gk must be a Python float, got {type(gk).__name__}")
+    if not math.isfinite(gk) or gk < 0:
+        raise ValueError(f"gk must be a finite number >= 0, got {gk}")
+    return float(gk)
+
+
+def check_lookup(indices, weight, threshold, mode, gk):
+    """Validates everything about a lookup except the id values; returns gk as a float."""
+    row_source, _ = mode_layout(mode)
+    for name, t in (("indices", indices), ("weight", weight), ("threshold", threshold)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if indices.dtype not in INDEX_DTYPES:
+        raise TypeError(f"indices must be int32 or int64, got {indices.dtype}")
+    if weight.dtype not in WEIGHT_DTYPES:
+        raise TypeError(f"weight must be float32, float64, float16 or bfloat16, got {weight.dtype}")
+    half = weight.dtype in (torch.float16, torch.bfloat16)
+    if threshold.dtype != weight.dtype and not (half and threshold.dtype == torch.float32):
+        raise TypeError(
+            f"threshold dtype must match weight dtype {weight.dtype}"
+            f"{' (or be float32)' if half else ''}, got {threshold.dtype}"
+        )
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (num_embeddings, embedding_dim), got shape {tuple(weight.shape)}")
+    devices = {t.device for t in (indices, weight, threshold)}
+    if len(devices) > 1:
+        raise ValueError(
+            f"indices, weight and threshold must be on one device, got {indices.device}, "
+            f"{weight.device} and {threshold.device}"
+        )
+    num_fields = None
+    if row_source == PER_FIELD:
+        if indices.dim() == 0:
+            raise ValueError(f"mode {mode!r} needs indices whose last axis is the field axis, got a scalar")
+        num_fields = indices.shape[-1]
+    expected = threshold_shape(mode, weight.shape[0], weight.shape[1], num_fields)
+    if tuple(threshold.shape) != expected:
+        extra = f" (the last axis of indices has {num_fields} fields)" if num_fields is not None else ""
+        raise ValueError(
+            f"threshold of mode {mode!r} must have shape {expected} for a "
+            f"{tuple(weight.shape)} table{extra}, got {tuple(threshold.shape)}"
+        )
+    return check_gk(gk)
+
+
+def check_ids_in_range(indices, num_embeddings):
+    """IndexError naming an offending id (the smallest or largest); one host sync (the price of a clear error)."""
+    if indices.numel() == 0:
+        return
+    lo, hi = torch.aminmax(indices)
+    lo, hi = int(lo), int(hi)
+    if lo < 0 or hi >= num_embeddings:
+        bad = lo if lo < 0 else hi
+        raise IndexError(
+            f"index {bad} is out of range for a table of {num_embeddings} rows "
+            f"(valid ids are 0..{num_embeddings - 1})"
+        )

@@ -1,0 +1,85 @@
+"""nn.Modules over the functional layer: they hold parameters, the functional ops do the work."""
+
+import torch
+from torch import nn
+
+from . import reference
+from ._validation import PER_FIELD, check_gk, mode_layout, threshold_shape
+from .functional import resolve_backend, soft_threshold_embedding
+from .ops.indices import offset_field_ids
+
+
+class PEPEmbedding(nn.Module):
+    """A drop-in for `nn.Embedding` whose table is soft-thresholded by learnable thresholds (PEP).
+
+    With `field_dims` the input holds per-field local ids of shape `(..., F)` and each field's
+    rows follow the previous field's, as in torchfm's FeaturesEmbedding; `num_embeddings` must
+    equal `sum(field_dims)`, and the field modes need it. The table is Xavier-uniform over
+    `(N, d)` and every threshold starts at `threshold_init`, as in the reference code.
+    """
+
+    def __init__(
+        self, num_embeddings, embedding_dim, *, threshold_mode="feature_dim", threshold_init=-15.0, gk=1.0,
+        field_dims=None, sparse=False, deterministic=False, backend="auto", device=None, dtype=None,
+    ):
+        super().__init__()
+        for name, value in (("num_embeddings", num_embeddings), ("embedding_dim", embedding_dim)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        row_source, _ = mode_layout(threshold_mode)
+        if field_dims is not None:
+            field_dims = [int(f) for f in field_dims]
+            if not field_dims or min(field_dims) < 1:
+                raise ValueError(f"field_dims must be a non-empty list of positive sizes, got {field_dims}")
+            if sum(field_dims) != num_embeddings:
+                raise ValueError(f"sum(field_dims) = {sum(field_dims)} must equal num_embeddings = {num_embeddings}")
+            self.register_buffer("field_dims", torch.tensor(field_dims, device=device), persistent=False)
+        elif row_source == PER_FIELD:
+            raise ValueError(f"threshold_mode {threshold_mode!r} needs field_dims")
+        else:
+            self.field_dims = None
+        resolve_backend(backend, torch.device("cpu") if device is None else torch.device(device))
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.threshold_mode, self.gk = threshold_mode, check_gk(gk)
+        self.sparse, self.deterministic, self.backend = sparse, deterministic, backend
+        self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim, device=device, dtype=dtype))
+        shape = threshold_shape(threshold_mode, num_embeddings, embedding_dim, field_dims and len(field_dims))
+        self.threshold = nn.Parameter(torch.full(shape, float(threshold_init), device=device, dtype=dtype))
+        nn.init.xavier_uniform_(self.weight)
+
+    def forward(self, indices):
+        if self.field_dims is not None:
+            indices = offset_field_ids(indices, self.field_dims)
+        return soft_threshold_embedding(
+            indices, self.weight, self.threshold, mode=self.threshold_mode, gk=self.gk,
+            sparse=self.sparse, deterministic=self.deterministic, backend=self.backend,
+        )
+
+    @torch.no_grad()
+    def pruned_weight(self):
+        """The whole soft-thresholded table S(V, s), shape (N, d)."""
+        field_dims = None if self.field_dims is None else self.field_dims.tolist()
+        return reference.soft_threshold(self.weight, self.threshold, self.threshold_mode, self.gk, field_dims)
+
+    def mask(self):
+        """Boolean (N, d): the entries that survive the threshold."""
+        return self.pruned_weight() != 0
+
+    def nnz(self):
+        """Number of non-zero entries of the pruned table."""
+        return int(self.mask().sum())
+
+    def sparsity(self):
+        """Fraction of the table that is pruned, in [0, 1]."""
+        return 1.0 - self.nnz() / (self.num_embeddings * self.embedding_dim)
+
+    def dims_per_row(self):
+        """The learned embedding size of each feature: non-zero dims per row, int64 (N,)."""
+        return self.mask().sum(1)
+
+    def extra_repr(self):
+        fields = "" if self.field_dims is None else f", fields={self.field_dims.numel()}"
+        return (
+            f"{self.num_embeddings}, {self.embedding_dim}, threshold_mode={self.threshold_mode!r}, "
+            f"gk={self.gk}{fields}, sparse={self.sparse}, deterministic={self.deterministic}, backend={self.backend!r}"
+        )

@@ -1,0 +1,1 @@
+"""Kernels and their torch.library registrations; nothing here knows about models or files."""

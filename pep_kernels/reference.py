@@ -1,0 +1,62 @@
+"""Eager PEP in plain PyTorch: the oracle every kernel is tested against.
+
+Written for clarity, not speed; it follows PEP_SPEC sections 1-2 line by line and lets autograd
+derive the gradients. Half-precision weights are computed in float32 and rounded once, as the
+kernels do.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from ._validation import PER_FIELD, PER_ROW, check_gk, check_ids_in_range, check_lookup, mode_layout, threshold_shape
+
+MODES = ("global", "dimension", "feature", "feature_dim", "field", "field_dim")
+
+
+def soft_threshold_values(v, s, gk=1.0):
+    """S(v, s) = sign(v) * relu(|v| - gk * sigmoid(s)), with s broadcast against v."""
+    return torch.sign(v) * torch.relu(torch.abs(v) - gk * torch.sigmoid(s))
+
+
+def soft_threshold_embedding(indices, weight, threshold, mode="feature_dim", gk=1.0, sparse=False):
+    """Looks up `indices` in the soft-thresholded table: output `indices.shape + (d,)`.
+
+    For field modes the last axis of `indices` is the field axis. With `sparse=True` the
+    gradients of `weight` and of per-row thresholds are sparse, as `nn.Embedding(sparse=True)`.
+    """
+    gk = check_lookup(indices, weight, threshold, mode, gk)
+    check_ids_in_range(indices, weight.shape[0])
+    row_source, _ = mode_layout(mode)
+    compute = torch.promote_types(weight.dtype, torch.float32)
+    rows = F.embedding(indices, weight, sparse=sparse).to(compute)
+    if row_source == PER_ROW:
+        s = F.embedding(indices, threshold, sparse=sparse)  # (..., 1) or (..., d)
+    else:
+        s = threshold  # (1,) or (d,) broadcast; (F, 1) or (F, d) broadcast over the field axis
+    return soft_threshold_values(rows, s.to(compute), gk).to(weight.dtype)
+
+
+def field_of_rows(field_dims):
+    """Field id of every table row when fields are laid out one after another."""
+    field_dims = torch.as_tensor(field_dims, dtype=torch.int64)
+    return torch.repeat_interleave(torch.arange(len(field_dims)), field_dims)
+
+
+def soft_threshold(weight, threshold, mode="feature_dim", gk=1.0, field_dims=None):
+    """The whole pruned table S(V, s) of shape (N, d), for counting and export."""
+    row_source, _ = mode_layout(mode)
+    num_fields = None
+    if row_source == PER_FIELD:
+        if field_dims is None:
+            raise ValueError(f"mode {mode!r} needs field_dims to know the field of each row")
+        if sum(field_dims) != weight.shape[0]:
+            raise ValueError(f"sum(field_dims) = {sum(field_dims)} must equal the {weight.shape[0]} rows of weight")
+        num_fields = len(field_dims)
+    expected = threshold_shape(mode, weight.shape[0], weight.shape[1], num_fields)
+    if tuple(threshold.shape) != expected:
+        raise ValueError(f"threshold of mode {mode!r} must have shape {expected}, got {tuple(threshold.shape)}")
+    gk = check_gk(gk)
+    if row_source == PER_FIELD:
+        threshold = threshold[field_of_rows(field_dims).to(threshold.device)]
+    compute = torch.promote_types(weight.dtype, torch.float32)
+    return soft_threshold_values(weight.to(compute), threshold.to(compute), gk).to(weight.dtype)

@@ -1,0 +1,39 @@
+import torch
+
+from pep_kernels import threshold_shape
+
+MODES = ("global", "dimension", "feature", "feature_dim", "field", "field_dim")
+FIELD_MODES = ("field", "field_dim")
+PER_ROW_MODES = ("feature", "feature_dim")
+ODD_DIMS = (1, 3, 17, 24, 33, 128)
+
+# fp32 tolerances. Outputs differ from the reference only through the last bit of sigmoid, so
+# by at most a few ulps of the threshold (<= gk): atol = 4 * eps * gk. Gradients are sums of at
+# most ~100 O(1) terms added in another order: error <= 100 * 2**-24 * O(1) ~ 6e-6.
+EPS32 = torch.finfo(torch.float32).eps
+GRAD_TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def out_tol(gk):
+    return dict(rtol=1e-6, atol=4 * EPS32 * max(gk, 1.0))
+
+
+def make_lookup(mode, num_rows, dim, batch=8, fields=3, device="cpu", dtype=torch.float32, seed=0,
+                index_dtype=torch.int64, threshold_dtype=None):
+    """A table, thresholds spread so that a good share of entries is pruned, and ids with
+    duplicates. Field modes get ids of shape (batch, fields)."""
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randn(num_rows, dim, generator=gen).to(device=device, dtype=dtype)
+    num_fields = fields if mode in FIELD_MODES else None
+    shape = threshold_shape(mode, num_rows, dim, num_fields)
+    threshold = (torch.rand(shape, generator=gen) * 2 - 1.5).to(device=device, dtype=threshold_dtype or dtype)
+    ids = torch.randint(0, num_rows, (batch, fields), generator=gen).to(device=device, dtype=index_dtype)
+    return ids, weight, threshold
+
+
+def leaves(*tensors):
+    return [t.detach().clone().requires_grad_(True) for t in tensors]
+
+
+def dense(grad):
+    return grad.to_dense() if grad is not None and grad.is_sparse else grad

@@ -1,0 +1,87 @@
+"""torch.library registration: opcheck, torch.compile(fullgraph=True) and torch.export."""
+
+import pytest
+import torch
+
+from conftest import HAS_CUDA
+from helpers import GRAD_TOL, MODES, make_lookup, out_tol
+from pep_kernels import PEPEmbedding, soft_threshold_embedding
+
+ops = torch.ops.pep_kernels
+
+
+def backward_args(mode, device="cpu"):
+    ids, weight, threshold = make_lookup(mode, num_rows=6, dim=5, device=device)
+    flat = ids.reshape(-1)
+    return torch.randn(flat.numel(), 5, device=device), flat, weight, threshold
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_opcheck_cpu_ops(mode):
+    grad, ids, weight, threshold = backward_args(mode)
+    torch.library.opcheck(ops.cpu_forward.default, (ids, weight, threshold, mode, 0.9))
+    for sparse in (False, True):
+        torch.library.opcheck(ops.cpu_backward.default, (grad, ids, weight, threshold, mode, 0.9, sparse))
+
+
+def test_opcheck_id_ops():
+    torch.library.opcheck(ops.checked_ids.default, (torch.tensor([[3, 0], [1, 1]]), 4))
+    torch.library.opcheck(ops.offset_field_ids.default, (torch.tensor([[2, 0], [1, 4]]), torch.tensor([3, 5])))
+
+
+# Under TRITON_INTERPRET the fake kernel of a triton_op (the op's own Python, traced) would run
+# the interpreted kernel on fake tensors, so the fake-tensor checks run on a GPU only.
+TRITON_OPCHECK = None if HAS_CUDA else ("test_schema", "test_autograd_registration")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_opcheck_triton_ops(mode):
+    device = "cuda" if HAS_CUDA else "cpu"
+    grad, ids, weight, threshold = backward_args(mode, device)
+    kwargs = {} if TRITON_OPCHECK is None else {"test_utils": TRITON_OPCHECK}
+    torch.library.opcheck(ops.triton_forward.default, (ids, weight, threshold, mode, 0.9), **kwargs)
+    for sparse, deterministic in ((False, False), (True, False), (False, True)):
+        torch.library.opcheck(
+            ops.triton_backward.default, (grad, ids, weight, threshold, mode, 0.9, sparse, deterministic), **kwargs
+        )
+
+
+def compiled_parity(backend, mode, device):
+    ids, weight, threshold = make_lookup(mode, num_rows=9, dim=6, device=device)
+
+    def loss(w, s):
+        out = soft_threshold_embedding(ids, w, s, mode=mode, gk=0.8, backend=backend)
+        return out, (out * out).sum()
+
+    torch._dynamo.reset()
+    results = []
+    for fn in (loss, torch.compile(loss, fullgraph=True)):  # backward through AOTAutograd's graph
+        w, s = weight.clone().requires_grad_(True), threshold.clone().requires_grad_(True)
+        out, value = fn(w, s)
+        results.append((out, torch.autograd.grad(value, (w, s))))
+    (eager_out, eager_grads), (comp_out, comp_grads) = results
+    torch.testing.assert_close(comp_out, eager_out, **out_tol(0.8))
+    torch.testing.assert_close(comp_grads, eager_grads, **GRAD_TOL)
+
+
+@pytest.mark.parametrize("mode", ["feature_dim", "field"])
+def test_compile_fullgraph_cpu(mode):
+    compiled_parity("cpu", mode, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", MODES)
+def test_compile_fullgraph_triton(mode):
+    compiled_parity("triton", mode, "cuda")
+
+
+def test_export_module_cpu():
+    torch.manual_seed(0)
+    emb = PEPEmbedding(12, 4, threshold_init=-1.0, field_dims=[5, 7], backend="cpu")
+    ids = torch.tensor([[1, 6], [4, 0]])
+    program = torch.export.export(emb, (ids,))
+    targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert {"pep_kernels.offset_field_ids.default", "pep_kernels.cpu_forward.default"} <= targets
+    torch.testing.assert_close(program.module()(ids), emb(ids), rtol=0, atol=0)
+    with pytest.raises(IndexError, match="id 9 in field 1"):
+        program.module()(torch.tensor([[0, 9], [1, 1]]))
