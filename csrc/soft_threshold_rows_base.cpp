@@ -1,0 +1,9 @@
+// Row kernels for any x86-64 (or other) CPU.
+#include <cmath>
+#include <cstring>
+
+#include "soft_threshold_rows.h"
+
+namespace pep_kernels::rows_base {
+#include "soft_threshold_rows.inc"
+}  // namespace pep_kernels::rows_base
