@@ -14,21 +14,28 @@ from shapes import SHAPES, make_inputs
 CASES = [("criteo", "feature_dim"), ("criteo", "feature"), ("criteo", "global"), ("wide", "feature_dim")]
 
 
-def candidates(ids, weight, threshold, mode, gk):
+def candidates(ids, weight, threshold, mode, gk, sparse=False):
+    """With sparse=True every candidate returns row-sparse gradients (the floor as
+    nn.Embedding(sparse=True)); torch.compile does not take sparse gradients, so it sits out."""
     per_row = mode in ("feature", "feature_dim")
     flat = ids.reshape(-1)
 
     def floor(ids, w, s, mode, gk):
+        if sparse:
+            rows = torch.nn.functional.embedding(flat, w, sparse=True)
+            return (rows, torch.nn.functional.embedding(flat, s, sparse=True)) if per_row else (rows,)
         rows = torch.index_select(w, 0, flat)
         return (rows, torch.index_select(s, 0, flat)) if per_row else (rows,)
 
-    compiled = torch.compile(reference.soft_threshold_embedding)
-    return {
-        "pep cpu": lambda ids, w, s, mode, gk: soft_threshold_embedding(ids, w, s, mode=mode, gk=gk, backend="cpu"),
-        "reference": reference.soft_threshold_embedding,
-        "compiled reference": compiled,
+    fns = {
+        "pep cpu": lambda ids, w, s, mode, gk: soft_threshold_embedding(ids, w, s, mode=mode, gk=gk, sparse=sparse,
+                                                                        backend="cpu"),
+        "reference": lambda ids, w, s, mode, gk: reference.soft_threshold_embedding(ids, w, s, mode, gk, sparse),
         "floor": floor,
     }
+    if not sparse:
+        fns["compiled reference"] = torch.compile(reference.soft_threshold_embedding)
+    return fns
 
 
 def forward_fns(case):
@@ -37,7 +44,7 @@ def forward_fns(case):
     return {name: (lambda f=f: f(ids, weight, threshold, mode, gk)) for name, f in candidates(ids, weight, threshold, mode, gk).items()}
 
 
-def training_fns(case):
+def training_fns(case, sparse=False):
     shape, mode = SHAPES[case[0]], case[1]
     ids, weight, threshold, gk = make_inputs(shape, mode)
     weight.requires_grad_(True)
@@ -51,7 +58,7 @@ def training_fns(case):
         torch.autograd.backward(outs, [upstream.view(-1, shape.dim) if o.dim() == 2 and o.shape[1] == shape.dim else
                                        torch.ones_like(o) for o in outs])
 
-    return {name: (lambda f=f: step(f)) for name, f in candidates(ids, weight, threshold, mode, gk).items()}
+    return {name: (lambda f=f: step(f)) for name, f in candidates(ids, weight, threshold, mode, gk, sparse).items()}
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{c[1]}")
@@ -66,5 +73,13 @@ def test_forward(benchmark, interleaved, case):
 def test_forward_backward(benchmark, interleaved, case):
     fns = training_fns(case)
     benchmark.group = f"forward+backward {case[0]} {case[1]}"
+    interleaved(benchmark.group, "pep cpu", fns)
+    benchmark(fns["pep cpu"])
+
+
+@pytest.mark.parametrize("case", [("criteo", "feature_dim"), ("wide", "feature_dim")], ids=lambda c: f"{c[0]}-{c[1]}")
+def test_forward_backward_sparse(benchmark, interleaved, case):
+    fns = training_fns(case, sparse=True)
+    benchmark.group = f"forward+backward sparse {case[0]} {case[1]}"
     interleaved(benchmark.group, "pep cpu", fns)
     benchmark(fns["pep cpu"])

@@ -128,8 +128,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_backward(
   const int64_t num_segments = seg_rows.numel();
   const int64_t num_dst = sparse ? num_segments : num_rows;
   const bool per_row = layout.rows == RowSource::PerRow;
-  at::Tensor grad_w = at::zeros({num_dst, d}, weight.options());
-  at::Tensor grad_s = per_row ? at::zeros({num_dst, s.size(1)}, weight.options()) : at::Tensor();
+  // Sparse gradients have one row per segment, all written by the kernel: no zero fill.
+  const auto alloc = [&](int64_t cols) {
+    return sparse ? at::empty({num_dst, cols}, weight.options()) : at::zeros({num_dst, cols}, weight.options());
+  };
+  at::Tensor grad_w = alloc(d);
+  at::Tensor grad_s = per_row ? alloc(s.size(1)) : at::Tensor();
   at::Tensor contrib = per_row ? at::Tensor() : at::empty({n, d}, weight.options());
 
   AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "pep_cpu_backward", [&] {

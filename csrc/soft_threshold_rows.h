@@ -42,8 +42,8 @@ struct BackwardArgs {
   Layout layout;
   T gk;
   bool sparse;   // write segment u's gradients at row u instead of at row seg_rows[u]
-  T* grad_w;     // (rows or segments, d)
-  T* grad_s;     // per-row modes: (rows or segments, 1 or d)
+  T* grad_w;     // (rows or segments, d); every segment's row is written, others left as they are
+  T* grad_s;     // per-row modes: (rows or segments, 1 or d), likewise
   T* contrib;    // shared modes: (n, d) per-lookup terms G * sign(W) * [|W| > t]
 };
 

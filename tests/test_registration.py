@@ -40,10 +40,18 @@ def test_opcheck_triton_ops(mode):
     grad, ids, weight, threshold = backward_args(mode, device)
     kwargs = {} if TRITON_OPCHECK is None else {"test_utils": TRITON_OPCHECK}
     torch.library.opcheck(ops.triton_forward.default, (ids, weight, threshold, mode, 0.9), **kwargs)
-    for sparse, deterministic in ((False, False), (True, False), (False, True)):
+    rows, inverse = torch.unique(ids, return_inverse=True)
+    for dst, num_dst in ((ids, weight.shape[0]), (inverse, rows.numel())):
         torch.library.opcheck(
-            ops.triton_backward.default, (grad, ids, weight, threshold, mode, 0.9, sparse, deterministic), **kwargs
+            ops.triton_backward_atomic.default, (grad, ids, dst, num_dst, weight, threshold, mode, 0.9), **kwargs
         )
+    sorted_ids, order = torch.sort(ids, stable=True)
+    seg_rows, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
+    seg_start = torch.nn.functional.pad(torch.cumsum(counts, 0), (1, 0))
+    torch.library.opcheck(
+        ops.triton_backward_segments.default,
+        (grad, order, seg_start, seg_rows, seg_rows, weight.shape[0], weight, threshold, mode, 0.9), **kwargs,
+    )
 
 
 def compiled_parity(backend, mode, device):
@@ -70,7 +78,7 @@ def test_compile_fullgraph_cpu(mode):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", ["global", "feature_dim", "field_dim"])
 def test_compile_fullgraph_triton(mode):
     compiled_parity("triton", mode, "cuda")
 

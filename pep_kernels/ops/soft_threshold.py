@@ -217,54 +217,88 @@ def _reduce_shared(contrib, threshold, row_source, per_dim, gk):
     return (-(total * gk) * (1.0 - y) * y).to(threshold.dtype)
 
 
-@triton_op("pep_kernels::triton_backward", mutates_args=())
-def triton_backward(
-    grad_out: torch.Tensor, ids: torch.Tensor, weight: torch.Tensor, threshold: torch.Tensor,
-    mode: str, gk: float, sparse: bool, deterministic: bool,
+def _gradient_buffers(weight, s2, num_dst, num_lookups, row_source):
+    """fp32 accumulators: W rows, per-row threshold rows, per-lookup shared-threshold terms."""
+    gw = torch.zeros((num_dst, weight.shape[1]), dtype=torch.float32, device=weight.device)
+    gs = gw.new_zeros((num_dst, s2.shape[1])) if row_source == PER_ROW else gw.new_empty(0)
+    contrib = gw.new_zeros((num_lookups, weight.shape[1])) if row_source != PER_ROW else gw.new_empty(0)
+    return gw, gs, contrib
+
+
+@triton_op("pep_kernels::triton_backward_atomic", mutates_args=())
+def triton_backward_atomic(
+    grad_out: torch.Tensor, ids: torch.Tensor, dst: torch.Tensor, num_dst: int,
+    weight: torch.Tensor, threshold: torch.Tensor, mode: str, gk: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Adds lookup n's gradient into row dst[n] of (num_dst, .) fp32 buffers, with atomics."""
     row_source, per_dim = mode_layout(mode)
     n, dim = ids.numel(), weight.shape[1]
     s2 = _threshold_2d(threshold, dim)
-    f32 = dict(dtype=torch.float32, device=weight.device)
-    grad_out = grad_out.contiguous()
-    if deterministic:
-        sorted_ids, perm = torch.sort(ids, stable=True)
-        seg_rows, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
-        seg_start = torch.nn.functional.pad(torch.cumsum(counts, 0), (1, 0))
-        rows = seg_rows
-    elif sparse:
-        rows, dst = torch.unique(ids, return_inverse=True)
-    else:
-        dst = ids
-    num_dst = rows.numel() if sparse else weight.shape[0]
-    gw = torch.zeros((num_dst, dim), **f32)
-    gs = torch.zeros((num_dst, s2.shape[1]), **f32) if row_source == PER_ROW else gw.new_empty(0)
-    contrib = gw.new_zeros((n, dim)) if row_source != PER_ROW else gw.new_empty(0)
+    gw, gs, contrib = _gradient_buffers(weight, s2, num_dst, n, row_source)
     if n:
         block_n, block_d = _blocks(dim)
-        strides = (weight.stride(0), weight.stride(1), s2.stride(0), s2.stride(1))
-        if deterministic:
-            seg_dst = torch.arange(rows.numel(), device=ids.device) if sparse else seg_rows
-            wrap_triton(_bwd_segment_kernel)[(seg_rows.numel(),)](
-                grad_out, perm, seg_start, seg_rows, seg_dst, weight, s2, gw, gs, contrib,
-                dim, s2.shape[0], gk, *strides,
-                ROW_SOURCE=row_source, PER_DIM=per_dim, BLOCK_D=block_d,
-            )
+        wrap_triton(_bwd_atomic_kernel)[(triton.cdiv(n, block_n),)](
+            grad_out, ids, dst, weight, s2, gw, gs, contrib,
+            n, dim, s2.shape[0], gk, weight.stride(0), weight.stride(1), s2.stride(0), s2.stride(1),
+            ROW_SOURCE=row_source, PER_DIM=per_dim, BLOCK_N=block_n, BLOCK_D=block_d,
+        )
+    return gw, gs, contrib
+
+
+@triton_op("pep_kernels::triton_backward_segments", mutates_args=())
+def triton_backward_segments(
+    grad_out: torch.Tensor, order: torch.Tensor, seg_start: torch.Tensor, seg_rows: torch.Tensor,
+    seg_dst: torch.Tensor, num_dst: int, weight: torch.Tensor, threshold: torch.Tensor, mode: str, gk: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Deterministic: segment u (lookups order[seg_start[u]:seg_start[u+1]], all of row
+    seg_rows[u]) is summed in order by one program into row seg_dst[u]."""
+    row_source, per_dim = mode_layout(mode)
+    dim = weight.shape[1]
+    s2 = _threshold_2d(threshold, dim)
+    gw, gs, contrib = _gradient_buffers(weight, s2, num_dst, order.numel(), row_source)
+    if seg_rows.numel():
+        wrap_triton(_bwd_segment_kernel)[(seg_rows.numel(),)](
+            grad_out, order, seg_start, seg_rows, seg_dst, weight, s2, gw, gs, contrib,
+            dim, s2.shape[0], gk, weight.stride(0), weight.stride(1), s2.stride(0), s2.stride(1),
+            ROW_SOURCE=row_source, PER_DIM=per_dim, BLOCK_D=_blocks(dim)[1],
+        )
+    return gw, gs, contrib
+
+
+def triton_backward(grad_out, ids, weight, threshold, mode, gk, sparse, deterministic):
+    """(grad_weight, grad_threshold, rows) as the C++ cpu_backward op returns them.
+
+    The data-dependent steps (sorting, distinct rows) stay outside the Triton ops, so every op
+    has static output shapes and traces under fake tensors."""
+    row_source, per_dim = mode_layout(mode)
+    grad_out = grad_out.contiguous()
+    rows = ids.new_empty(0, dtype=torch.int64)
+    if deterministic:
+        sorted_ids, order = torch.sort(ids, stable=True)
+        seg_rows, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
+        seg_start = torch.nn.functional.pad(torch.cumsum(counts, 0), (1, 0))
+        num_dst = seg_rows.numel() if sparse else weight.shape[0]
+        seg_dst = torch.arange(num_dst, device=ids.device) if sparse else seg_rows
+        gw, gs, contrib = torch.ops.pep_kernels.triton_backward_segments(
+            grad_out, order, seg_start, seg_rows, seg_dst, num_dst, weight, threshold, mode, gk)
+        if sparse:
+            rows = seg_rows.to(torch.int64)
+    else:
+        if sparse:
+            rows, dst = torch.unique(ids, return_inverse=True)
+            num_dst = rows.numel()
         else:
-            wrap_triton(_bwd_atomic_kernel)[(triton.cdiv(n, block_n),)](
-                grad_out, ids, dst, weight, s2, gw, gs, contrib,
-                n, dim, s2.shape[0], gk, *strides,
-                ROW_SOURCE=row_source, PER_DIM=per_dim, BLOCK_N=block_n, BLOCK_D=block_d,
-            )
+            dst, num_dst = ids, weight.shape[0]
+        gw, gs, contrib = torch.ops.pep_kernels.triton_backward_atomic(
+            grad_out, ids, dst, num_dst, weight, threshold, mode, gk)
+        rows = rows.to(torch.int64)
     if row_source == PER_ROW:
         grad_s = gs.to(threshold.dtype)
-        if not sparse:
-            grad_s = grad_s.view(threshold.shape)
+        grad_s = grad_s if sparse else grad_s.view(threshold.shape)
     else:
-        grad_s = _reduce_shared(contrib, s2, row_source, per_dim, gk).view(threshold.shape)
-    if not sparse:
-        rows = ids.new_empty(0, dtype=torch.int64)
-    return gw.to(weight.dtype), grad_s, rows.to(torch.int64)
+        grad_s = _reduce_shared(contrib, _threshold_2d(threshold, weight.shape[1]), row_source, per_dim, gk)
+        grad_s = grad_s.view(threshold.shape)
+    return gw.to(weight.dtype), grad_s, rows
 
 
 if HAS_CPU_KERNELS:
@@ -295,8 +329,7 @@ def _cpu_ops():
 
 
 def _triton_ops():
-    ops = torch.ops.pep_kernels
-    return ops.triton_forward, lambda *args, deterministic: ops.triton_backward(*args, deterministic)
+    return torch.ops.pep_kernels.triton_forward, triton_backward
 
 
 def _sparse_grad(values, rows, num_rows):

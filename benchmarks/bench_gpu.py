@@ -1,0 +1,130 @@
+"""GPU timings of the soft-threshold lookup (run by benchmarks/gpu_check.sh).
+
+Triton against the eager reference, torch.compile of the reference and the floor (index_select
+of the W and threshold rows), with triton.testing.do_bench (L2 flushed between runs, median of
+the timed runs). Effective bandwidth counts the bytes the op must move: ids, the gathered rows of
+W and of the thresholds, the output; forward+backward adds the upstream gradient, a second read
+of the rows, the read-modify-write of the gradient rows and the zero fill of the dense gradients.
+
+    python benchmarks/bench_gpu.py [--out results.md] [--shapes wide criteo] [--smoke]
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from shapes import SHAPES, Shape, make_inputs  # noqa: E402
+
+from pep_kernels import reference, soft_threshold_embedding  # noqa: E402
+
+PEAK_BYTES_PER_S = 4.8e12  # H200 HBM3e
+
+
+def moved_bytes(shape, mode, elem, training):
+    n, d = shape.lookups, shape.dim
+    s_cols = {"feature_dim": d, "feature": 1}.get(mode, 0)  # shared thresholds stay in cache
+    read = n * 8 + n * d * elem + n * s_cols * 4
+    forward = read + n * d * elem
+    if not training:
+        return forward
+    grad_rows = 2 * n * (d * 4 + s_cols * 4)  # atomic read-modify-write of the fp32 gradient rows
+    zero_fill = shape.rows * (d * 4 + s_cols * 4)
+    return forward + n * d * elem + read + grad_rows + zero_fill
+
+
+def candidates(ids, weight, threshold, mode, gk, backend):
+    flat = ids.reshape(-1)
+    per_row = mode in ("feature", "feature_dim")
+    compiled = torch.compile(reference.soft_threshold_embedding)
+
+    def floor(ids, w, s, mode, gk):
+        rows = torch.index_select(w, 0, flat)
+        return (rows, torch.index_select(s, 0, flat)) if per_row else (rows,)
+
+    return {
+        "pep": lambda ids, w, s, mode, gk: soft_threshold_embedding(ids, w, s, mode=mode, gk=gk, backend=backend),
+        "reference": reference.soft_threshold_embedding,
+        "compiled reference": compiled,
+        "floor": floor,
+    }
+
+
+def timer(device):
+    if device == "cuda":
+        import triton.testing
+
+        return lambda fn: triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    import time
+
+    def cpu_ms(fn):
+        fn()
+        start = time.perf_counter()
+        for _ in range(5):
+            fn()
+        return (time.perf_counter() - start) / 5 * 1e3
+
+    return cpu_ms
+
+
+def run_case(shape, mode, dtype, training, device, backend, time_ms):
+    ids, weight, threshold, gk = make_inputs(shape, mode, device=device, dtype=dtype)
+    weight.requires_grad_(training)
+    threshold.requires_grad_(training)
+    upstream = torch.randn(ids.shape + (shape.dim,), device=device, dtype=dtype)
+    results = {}
+    for name, fn in candidates(ids, weight, threshold, mode, gk, backend).items():
+        def call(fn=fn):
+            outs = fn(ids, weight, threshold, mode, gk)
+            if training:
+                weight.grad = threshold.grad = None
+                outs = outs if isinstance(outs, tuple) else (outs,)
+                torch.autograd.backward(outs, [upstream.view(o.shape) if o.numel() == upstream.numel() else
+                                               torch.ones_like(o) for o in outs])
+        results[name] = time_ms(call)
+    return results
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, help="also write the markdown table here")
+    parser.add_argument("--shapes", nargs="+", default=["wide", "criteo"], choices=sorted(SHAPES))
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU backend: checks the script only")
+    args = parser.parse_args(argv)
+    device = "cpu" if args.smoke else "cuda"
+    backend = "cpu" if args.smoke else "triton"
+    time_ms = timer(device)
+    cases = [(SHAPES[s], "feature_dim", torch.float32) for s in args.shapes]
+    if "wide" in args.shapes:
+        cases.append((SHAPES["wide"], "feature_dim", torch.bfloat16))
+    if "criteo" in args.shapes:
+        cases += [(SHAPES["criteo"], "feature", torch.float32), (SHAPES["criteo"], "global", torch.float32)]
+    if args.smoke:
+        cases = [(Shape(s.name, 1000, s.dim, 16, 4), m, torch.float32) for s, m, dt in cases if dt == torch.float32]
+    lines = [
+        f"GPU: {torch.cuda.get_device_name() if device == 'cuda' else 'cpu (smoke)'}, torch {torch.__version__}",
+        "",
+        "| shape | mode | dtype | pass | pep ms | GB/s | % of 4.8 TB/s | reference ms (x) | compiled ref ms (x) | floor ms (x) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for shape, mode, dtype in cases:
+        for training in (False, True):
+            r = run_case(shape, mode, dtype, training, device, backend, time_ms)
+            gbs = moved_bytes(shape, mode, torch.finfo(dtype).bits // 8, training) / (r["pep"] * 1e-3) / 1e9
+            ratio = lambda name: f"{r[name]:.3f} ({r[name] / r['pep']:.2f}x)"  # noqa: E731
+            lines.append(
+                f"| {shape.name} | {mode} | {str(dtype).removeprefix('torch.')} | {'fwd+bwd' if training else 'fwd'} | "
+                f"{r['pep']:.3f} | {gbs:.0f} | {100 * gbs * 1e9 / PEAK_BYTES_PER_S:.1f} | {ratio('reference')} | "
+                f"{ratio('compiled reference')} | {ratio('floor')} |"
+            )
+            print(lines[-1], flush=True)
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        args.out.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
