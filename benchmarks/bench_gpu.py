@@ -56,7 +56,12 @@ def timer(device):
     if device == "cuda":
         import triton.testing
 
-        return lambda fn: triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+        def cuda_ms(fn):
+            fn()  # compile and autotune outside the timed runs
+            torch.cuda.synchronize()
+            return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+        return cuda_ms
     import time
 
     def cpu_ms(fn):
