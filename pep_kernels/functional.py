@@ -30,8 +30,8 @@ def soft_threshold_embedding(
     `sparse=True` gives coalesced row-sparse gradients for `weight` and for per-row thresholds
     (`feature`, `feature_dim`), like `nn.Embedding(sparse=True)`. `deterministic=True`
     accumulates duplicate ids in sorted order, so gradients are bitwise repeatable; the default
-    Triton path adds them with atomics (faster, summation order not fixed). The CPU kernel and
-    the reference are deterministic either way.
+    Triton path adds them with atomics (faster, summation order not fixed). The CPU kernel is
+    deterministic either way; the reference follows torch's own settings.
     """
     gk = check_lookup(indices, weight, threshold, mode, gk)
     backend = resolve_backend(backend, weight.device)

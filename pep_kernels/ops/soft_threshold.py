@@ -11,11 +11,11 @@ program own each distinct row (fixed order, bitwise repeatable). Gradients of sh
 (global, dimension, field modes) are written per lookup and reduced with torch sums, which are
 deterministic in both paths.
 
-Backend op contract (`triton_*` here, `cpu_*` in csrc/): ids are flat int32/int64 already
-checked to be in range for Triton (the C++ op checks itself); `threshold` has the mode's shape.
-`*_backward` returns (grad_weight, grad_threshold, rows): dense gradients and an empty `rows`,
-or with `sparse=True` the gradient values of the distinct looked-up `rows` (sorted) for W and,
-in per-row modes, for the threshold.
+Backend contract (`triton_forward`/`triton_backward` here, `cpu_forward`/`cpu_backward` in
+csrc/): ids are flat int32/int64, checked to be in range before Triton sees them (the C++ ops
+check themselves); `threshold` has the mode's shape. The backward returns (grad_weight,
+grad_threshold, rows): dense gradients and an empty `rows`, or with `sparse=True` the gradients
+of the distinct looked-up `rows` (sorted) for W and, in per-row modes, for the threshold.
 """
 
 from pathlib import Path
@@ -27,7 +27,6 @@ from torch.library import triton_op, wrap_triton
 
 from .._validation import PER_FIELD, PER_ROW, mode_layout
 from .indices import checked_ids
-
 
 
 def _load_cpu_kernels():
@@ -42,6 +41,7 @@ def _load_cpu_kernels():
 HAS_CPU_KERNELS = _load_cpu_kernels()
 
 
+# ROW_SOURCE in the kernels takes the values of _validation: 0 SHARED, 1 PER_ROW, 2 PER_FIELD.
 @triton.jit
 def _threshold_rows(rows, offs_n, num_fields, ROW_SOURCE: tl.constexpr):
     if ROW_SOURCE == 1:
@@ -174,7 +174,7 @@ def _blocks(dim):
     return max(1, min(256, 4096 // block_d)), block_d
 
 
-def _threshold_2d(threshold, dim):
+def _threshold_2d(threshold):
     """The threshold as (rows, 1 or d), whatever its mode's shape; no copy."""
     return threshold.reshape(1, -1) if threshold.dim() == 1 else threshold
 
@@ -193,7 +193,7 @@ def _check_triton_inputs(weight):
 def triton_forward(ids: torch.Tensor, weight: torch.Tensor, threshold: torch.Tensor, mode: str, gk: float) -> torch.Tensor:
     row_source, per_dim = mode_layout(mode)
     n, dim = ids.numel(), weight.shape[1]
-    s2 = _threshold_2d(threshold, dim)
+    s2 = _threshold_2d(threshold)
     out = torch.empty((n, dim), dtype=weight.dtype, device=weight.device)
     if n:
         block_n, block_d = _blocks(dim)
@@ -233,7 +233,7 @@ def triton_backward_atomic(
     """Adds lookup n's gradient into row dst[n] of (num_dst, .) fp32 buffers, with atomics."""
     row_source, per_dim = mode_layout(mode)
     n, dim = ids.numel(), weight.shape[1]
-    s2 = _threshold_2d(threshold, dim)
+    s2 = _threshold_2d(threshold)
     gw, gs, contrib = _gradient_buffers(weight, s2, num_dst, n, row_source)
     if n:
         block_n, block_d = _blocks(dim)
@@ -254,7 +254,7 @@ def triton_backward_segments(
     seg_rows[u]) is summed in order by one program into row seg_dst[u]."""
     row_source, per_dim = mode_layout(mode)
     dim = weight.shape[1]
-    s2 = _threshold_2d(threshold, dim)
+    s2 = _threshold_2d(threshold)
     gw, gs, contrib = _gradient_buffers(weight, s2, num_dst, order.numel(), row_source)
     if seg_rows.numel():
         wrap_triton(_bwd_segment_kernel)[(seg_rows.numel(),)](
@@ -296,7 +296,7 @@ def triton_backward(grad_out, ids, weight, threshold, mode, gk, sparse, determin
         grad_s = gs.to(threshold.dtype)
         grad_s = grad_s if sparse else grad_s.view(threshold.shape)
     else:
-        grad_s = _reduce_shared(contrib, _threshold_2d(threshold, weight.shape[1]), row_source, per_dim, gk)
+        grad_s = _reduce_shared(contrib, _threshold_2d(threshold), row_source, per_dim, gk)
         grad_s = grad_s.view(threshold.shape)
     return gw.to(weight.dtype), grad_s, rows
 
