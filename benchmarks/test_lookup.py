@@ -55,31 +55,24 @@ def training_fns(case, sparse=False):
         weight.grad = threshold.grad = None
         outs = f(ids, weight, threshold, mode, gk)
         outs = outs if isinstance(outs, tuple) else (outs,)
-        torch.autograd.backward(outs, [upstream.view(-1, shape.dim) if o.dim() == 2 and o.shape[1] == shape.dim else
+        torch.autograd.backward(outs, [upstream.view(o.shape) if o.numel() == upstream.numel() else
                                        torch.ones_like(o) for o in outs])
 
     return {name: (lambda f=f: step(f)) for name, f in candidates(ids, weight, threshold, mode, gk, sparse).items()}
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{c[1]}")
-def test_forward(benchmark, interleaved, case):
-    fns = forward_fns(case)
-    benchmark.group = f"forward {case[0]} {case[1]}"
-    interleaved(benchmark.group, "pep cpu", fns)
-    benchmark(fns["pep cpu"])
+PASSES = {
+    "forward": forward_fns,
+    "forward+backward": training_fns,
+    "forward+backward sparse": lambda case: training_fns(case, sparse=True),
+}
+RUNS = [(p, c) for p in PASSES for c in CASES if "sparse" not in p or c in (("criteo", "feature_dim"), ("wide", "feature_dim"))]
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{c[1]}")
-def test_forward_backward(benchmark, interleaved, case):
-    fns = training_fns(case)
-    benchmark.group = f"forward+backward {case[0]} {case[1]}"
-    interleaved(benchmark.group, "pep cpu", fns)
-    benchmark(fns["pep cpu"])
-
-
-@pytest.mark.parametrize("case", [("criteo", "feature_dim"), ("wide", "feature_dim")], ids=lambda c: f"{c[0]}-{c[1]}")
-def test_forward_backward_sparse(benchmark, interleaved, case):
-    fns = training_fns(case, sparse=True)
-    benchmark.group = f"forward+backward sparse {case[0]} {case[1]}"
+@pytest.mark.parametrize("run", RUNS, ids=lambda r: f"{r[0]}-{r[1][0]}-{r[1][1]}")
+def test_lookup(benchmark, interleaved, run):
+    pass_name, case = run
+    fns = PASSES[pass_name](case)
+    benchmark.group = f"{pass_name} {case[0]} {case[1]}"
     interleaved(benchmark.group, "pep cpu", fns)
     benchmark(fns["pep cpu"])

@@ -1,5 +1,9 @@
 """Bad input gets a clear exception on every backend, never a crash or silent garbage."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -129,3 +133,15 @@ def test_module_rejects_bad_configuration_and_field_ids():
         emb(torch.tensor([[1, -1]]))
     with pytest.raises(ValueError, match=r"ids must have shape \(\.\.\., 2\) \(one id per field\), got \(2, 3\)"):
         emb(torch.zeros(2, 3, dtype=torch.int64))
+
+
+def test_triton_on_cpu_without_interpreter_says_what_to_do():
+    code = (
+        "import torch\n"
+        "from pep_kernels import soft_threshold_embedding as f\n"
+        "f(torch.tensor([0]), torch.zeros(2, 3), torch.zeros(2, 3), backend='triton')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "ValueError: the Triton backend needs CUDA tensors (or TRITON_INTERPRET=1" in result.stderr

@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
+from triton.runtime.interpreter import InterpretedFunction
 
 from .._validation import PER_FIELD, PER_ROW, mode_layout
 from .indices import checked_ids
@@ -182,7 +183,7 @@ def _threshold_2d(threshold):
 def _check_triton_inputs(weight):
     if weight.dtype == torch.float64:
         raise TypeError("the Triton backend takes float32, float16 or bfloat16 weights, got torch.float64")
-    if weight.device.type == "cpu" and not isinstance(_fwd_kernel, triton.runtime.interpreter.InterpretedFunction):
+    if weight.device.type == "cpu" and not isinstance(_fwd_kernel, InterpretedFunction):
         raise ValueError(
             "the Triton backend needs CUDA tensors (or TRITON_INTERPRET=1 set before importing "
             "pep_kernels, to run its kernels slowly on the CPU for testing)"
