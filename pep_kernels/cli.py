@@ -1,24 +1,171 @@
-"""The `pep` command."""
+"""The `pep` command: search, retrain, evaluate, bench, demo."""
 
 import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+DATASETS = "synthetic[=N] | ml-100k | ml-100k-noids | ml-1m=DIR | criteo=FILE | avazu=FILE"
+
+
+def load_data(spec, seed=0, cache_dir=None):
+    """A dataset named on the command line (see DATASETS)."""
+    from . import data
+
+    name, _, path = spec.partition("=")
+    if name == "synthetic":
+        if path and not path.isdigit():
+            raise ValueError(f"synthetic=N needs a number of examples, got {path!r}")
+        return data.synthetic_ctr_data(int(path or 100_000), seed)
+    loaders = {
+        "ml-100k": lambda: data.load_movielens_100k(include_ids=True),
+        "ml-100k-noids": lambda: data.load_movielens_100k(include_ids=False),
+        "ml-1m": lambda: data.load_movielens_1m(path),
+        "criteo": lambda: data.load_criteo(path, cache_dir=cache_dir),
+        "avazu": lambda: data.load_avazu(path, cache_dir=cache_dir),
+    }
+    if name not in loaders or bool(path) != (name in ("ml-1m", "criteo", "avazu")):
+        raise ValueError(f"unknown dataset {spec!r}; expected one of: {DATASETS}")
+    return loaders[name]()
+
+
+def log(message):
+    """Progress goes to stderr; results to stdout."""
+    print(message, file=sys.stderr)
+
+
+def _splits(args):
+    """The dataset's field sizes and its (x, y) train, validation and test splits."""
+    from .data import split
+
+    data = load_data(args.data, args.seed, args.cache_dir)
+    return data.field_dims, [(part.x, part.y) for part in split(data, args.seed)]
+
+
+def _common(parser, epochs):
+    parser.add_argument("--data", required=True, help=DATASETS)
+    parser.add_argument("--cache-dir", type=Path, help="where big datasets keep their encoded arrays")
+    parser.add_argument("--epochs", type=int, default=epochs)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--weight-decay", type=float, default=1e-5)
+    parser.add_argument("--batch-size", type=int, default=1024)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+
+
+def cmd_search(args):
+    from .train import search
+    from .train.spec import RunSpec
+
+    field_dims, ((x, y), _, _) = _splits(args)
+    spec = RunSpec(args.model, field_dims, args.embedding_dim, threshold_mode=args.threshold_mode,
+                   threshold_init=args.threshold_init)
+    summary = search(spec, x, y, args.out, args.budgets, epochs=args.epochs, lr=args.lr,
+                     weight_decay=args.weight_decay, batch_size=args.batch_size, seed=args.seed,
+                     device=args.device, backend=args.backend, log=log)
+    for snap in summary["snapshots"]:
+        print(f"step {snap['step']:>7}  non-zeros {snap['nnz']:>10}  sparsity {snap['sparsity']:.2%}  {snap['path']}")
+    if summary["unreached"]:
+        print(f"budgets not reached in {args.epochs} epochs: {summary['unreached']}")
+
+
+def cmd_retrain(args):
+    from .train import retrain
+
+    _, (train, val, test) = _splits(args)
+    snapshots = args.snapshot or sorted(p.name for p in Path(args.run).glob("snapshot-step*.safetensors"))[1:]
+    if not snapshots:
+        raise SystemExit(f"pep retrain: {args.run} has no snapshot past step 0")
+    for snapshot in snapshots:
+        out = Path(args.run) / f"retrained-{Path(snapshot).stem}{'-control' if args.control else ''}.safetensors"
+        result = retrain(args.run, snapshot, train, val, test, rewind=not args.control, epochs=args.epochs,
+                         patience=args.patience, lr=args.lr, weight_decay=args.weight_decay,
+                         batch_size=args.batch_size, seed=args.seed, device=args.device, save_path=out, log=log)
+        print(json.dumps(result))
+
+
+def cmd_evaluate(args):
+    from .train import evaluate, evaluate_per_batch
+    from .train.retrain import load_retrained
+
+    _, (_, _, test) = _splits(args)
+    model, _ = load_retrained(args.model_file)
+    metric = evaluate_per_batch if args.per_batch else evaluate
+    result = metric(model.to(args.device), *test, device=args.device)
+    print(json.dumps(dict(result, nnz=model.embedding.nnz(), sparsity=model.embedding.sparsity())))
+
+
+def cmd_bench(args):
+    root = Path(__file__).resolve().parent.parent
+    suite = root / "benchmarks" / "test_lookup.py"
+    if not suite.exists():
+        raise SystemExit(f"pep bench: the benchmark suite ({suite}) is not here; run it from a source checkout")
+    command = [sys.executable, "-m", "pytest", str(suite), "-q", "-p", "no:cacheprovider", "--benchmark-group-by=group"]
+    raise SystemExit(subprocess.call(command + (["-k", args.k] if args.k else []), cwd=root))
+
+
+def cmd_demo(args):
+    from .demo import run_demo
+
+    data = None if args.data is None else (load_data(args.data, args.seed), args.data)
+    run_demo(out_dir=args.out, data=data, model=args.model, epochs=args.epochs, device=args.device,
+             backend=args.backend, seed=args.seed)
 
 
 def main(argv=None):
+    from .models import MODELS
+
     parser = argparse.ArgumentParser(prog="pep", description="PEP: learnable embedding sizes, fast.")
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="train PEP and a full-table FM on synthetic data; print AUC, sparsity, speed")
-    demo.add_argument("--epochs", type=int, default=8)
-    demo.add_argument("--samples", type=int, default=200_000)
-    demo.add_argument("--device", default="cpu", help="cpu or cuda")
-    demo.add_argument("--backend", default="auto", choices=["auto", "triton", "cpu", "reference"])
-    demo.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    if args.command == "demo":
-        from .demo import run_demo
 
-        if args.epochs < 1 or args.samples < 100:
-            parser.error(f"--epochs must be >= 1 and --samples >= 100, got {args.epochs} and {args.samples}")
-        run_demo(epochs=args.epochs, samples=args.samples, device=args.device, backend=args.backend, seed=args.seed)
+    p = commands.add_parser("search", help="budgeted PEP search: snapshots of the pruned table at each budget")
+    _common(p, epochs=10)
+    p.add_argument("--out", required=True, type=Path, help="run folder (an existing one resumes)")
+    p.add_argument("--budgets", required=True, type=float, nargs="+",
+                   help="sparsity targets in (0, 1) or non-zero counts, e.g. 0.8 0.9 0.95")
+    p.add_argument("--model", default="fm", choices=sorted(MODELS))
+    p.add_argument("--embedding-dim", type=int, default=16)
+    p.add_argument("--threshold-mode", default="feature_dim")
+    p.add_argument("--threshold-init", type=float, default=-15.0)
+    p.add_argument("--backend", default="auto", choices=["auto", "triton", "cpu", "reference"])
+    p.set_defaults(handler=cmd_search)
+
+    p = commands.add_parser("retrain", help="lottery-ticket retrain of a run's snapshots")
+    _common(p, epochs=10)
+    p.add_argument("--run", required=True, type=Path, help="the search's run folder")
+    p.add_argument("--snapshot", nargs="*", help="snapshot files in the run (default: every one past step 0)")
+    p.add_argument("--control", action="store_true", help="random re-initialisation instead of the winning ticket")
+    p.add_argument("--patience", type=int, default=2)
+    p.set_defaults(handler=cmd_retrain)
+
+    p = commands.add_parser("evaluate", help="test AUC and log-loss of a retrained model")
+    _common(p, epochs=0)
+    p.add_argument("--model-file", required=True, type=Path, help="a retrained-*.safetensors file")
+    p.add_argument("--per-batch", action="store_true", help="the reference's mean of per-batch metrics")
+    p.set_defaults(handler=cmd_evaluate)
+
+    p = commands.add_parser("bench", help="run the CPU benchmark suite and print the ratio tables")
+    p.add_argument("-k", help="pytest -k expression selecting benchmarks")
+    p.set_defaults(handler=cmd_bench)
+
+    p = commands.add_parser("demo", help="baseline, PEP search and retrain on MovieLens-100K (or synthetic data)")
+    p.add_argument("--out", type=Path, default=Path("pep-demo"), help="output folder (default: pep-demo)")
+    p.add_argument("--data", help=f"{DATASETS} (default: ml-100k when recbole is installed, else synthetic)")
+    p.add_argument("--model", default="fm", choices=sorted(MODELS))
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--backend", default="auto", choices=["auto", "triton", "cpu", "reference"])
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(handler=cmd_demo)
+
+    args = parser.parse_args(argv)
+    if getattr(args, "epochs", 1) < 0 or (args.command != "evaluate" and getattr(args, "epochs", 1) < 1):
+        parser.error(f"--epochs must be >= 1, got {args.epochs}")
+    try:
+        args.handler(args)
+    except (ValueError, FileNotFoundError) as e:
+        parser.exit(2, f"pep {args.command}: error: {e}\n")
 
 
 if __name__ == "__main__":

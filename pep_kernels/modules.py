@@ -1,10 +1,11 @@
 """nn.Modules over the functional layer: they hold parameters, the functional ops do the work."""
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import reference
-from ._validation import PER_FIELD, check_gk, mode_layout, threshold_shape
+from ._validation import PER_FIELD, check_gk, check_ids_in_range, mode_layout, threshold_shape
 from .functional import resolve_backend, soft_threshold_embedding
 from .ops.indices import offset_field_ids
 
@@ -83,3 +84,55 @@ class PEPEmbedding(nn.Module):
             f"{self.num_embeddings}, {self.embedding_dim}, threshold_mode={self.threshold_mode!r}, "
             f"gk={self.gk}{fields}, sparse={self.sparse}, deterministic={self.deterministic}, backend={self.backend!r}"
         )
+
+
+class MaskedEmbedding(nn.Module):
+    """The retrain stage of PEP (lottery ticket): a fixed mask, no threshold.
+
+    Pruned entries stay exactly zero: their outputs are masked, so their loss gradient is zero,
+    and Adam with coupled L2 leaves a zero entry with zero gradient where it is. Built from the
+    initial weights and a search snapshot's mask (`mask = snapshot != 0`), with the same
+    `field_dims` contract as `PEPEmbedding`.
+    """
+
+    def __init__(self, weight, mask, *, field_dims=None):
+        super().__init__()
+        if weight.dim() != 2 or tuple(mask.shape) != tuple(weight.shape):
+            raise ValueError(f"weight must be 2-D and mask of its shape, got {tuple(weight.shape)} and {tuple(mask.shape)}")
+        if field_dims is not None:
+            field_dims = [int(f) for f in field_dims]
+            if sum(field_dims) != weight.shape[0]:
+                raise ValueError(f"sum(field_dims) = {sum(field_dims)} must equal the {weight.shape[0]} rows of weight")
+            self.register_buffer("field_dims", torch.tensor(field_dims, device=weight.device), persistent=False)
+        else:
+            self.field_dims = None
+        self.num_embeddings, self.embedding_dim = weight.shape
+        self.register_buffer("keep", mask.to(torch.bool))
+        self.weight = nn.Parameter(weight.detach() * self.keep)
+
+    def forward(self, indices):
+        if self.field_dims is not None:
+            indices = offset_field_ids(indices, self.field_dims)
+        else:
+            check_ids_in_range(indices, self.num_embeddings)
+        return F.embedding(indices, self.weight) * F.embedding(indices, self.keep).to(self.weight.dtype)
+
+    @torch.no_grad()
+    def pruned_weight(self):
+        return self.weight * self.keep
+
+    def mask(self):
+        return self.keep.clone()
+
+    def nnz(self):
+        return int(torch.count_nonzero(self.pruned_weight()))
+
+    def sparsity(self):
+        return 1.0 - self.nnz() / (self.num_embeddings * self.embedding_dim)
+
+    def dims_per_row(self):
+        return (self.pruned_weight() != 0).sum(1)
+
+    def extra_repr(self):
+        fields = "" if self.field_dims is None else f", fields={self.field_dims.numel()}"
+        return f"{self.num_embeddings}, {self.embedding_dim}, kept={int(self.keep.sum())}{fields}"

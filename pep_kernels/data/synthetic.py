@@ -47,3 +47,4 @@ def make_synthetic_ctr(num_samples, field_dims, embedding_dim=8, zipf=1.1, seed=
     logits = (pairwise - pairwise.mean()) / (pairwise.std() + 1e-12) * 1.5
     y = (rng.random(num_samples) < 1 / (1 + np.exp(-logits))).astype(np.float32)
     return SyntheticCTR(torch.from_numpy(x), torch.from_numpy(y), list(field_dims), torch.from_numpy(np.concatenate(true_dims)))
+

@@ -1,0 +1,43 @@
+"""AutoInt (Song et al. 2019) with its DNN part, as torchfm's AutomaticFeatureInteractionModel."""
+
+import torch
+from torch import nn
+
+from .layers import LinearTerm, MultiLayerPerceptron, embedding_dim_of
+
+
+class AutoInt(nn.Module):
+    """logit = bias + linear term + self-attention over the fields + MLP over the concatenated embeddings.
+
+    Follows torchfm and the PEP reference where they differ from the paper: the residual projection
+    is added once, after the last attention layer, and attention dropout defaults to 0 (the
+    reference's `att_dropout`). The reference's forward leaves out the linear term; torchfm keeps it.
+    The PEP reference uses 3 layers, 2 heads, attention dim 64, and mlp_dims (100, 100) on
+    MovieLens-1M, (400, 400, 400) on Criteo and Avazu.
+    """
+
+    def __init__(self, field_dims, embedding, atten_embed_dim=64, num_heads=2, num_layers=3, mlp_dims=(400, 400, 400),
+                 dropout=0.2, has_residual=True, attention_dropout=0.0):
+        super().__init__()
+        d = embedding_dim_of(embedding)
+        self.embedding = embedding
+        self.linear = LinearTerm(field_dims)
+        self.bias = nn.Parameter(torch.zeros(1))
+        self.atten_embedding = nn.Linear(d, atten_embed_dim)
+        self.self_attns = nn.ModuleList(
+            nn.MultiheadAttention(atten_embed_dim, num_heads, dropout=attention_dropout, batch_first=True)
+            for _ in range(num_layers)
+        )
+        self.residual = nn.Linear(d, atten_embed_dim) if has_residual else None
+        self.attn_fc = nn.Linear(len(field_dims) * atten_embed_dim, 1)
+        self.mlp = MultiLayerPerceptron(len(field_dims) * d, mlp_dims, dropout)
+
+    def forward(self, x):
+        v = self.embedding(x)
+        cross = self.atten_embedding(v)
+        for self_attn in self.self_attns:
+            cross, _ = self_attn(cross, cross, cross, need_weights=False)
+        if self.residual is not None:
+            cross = cross + self.residual(v)
+        attention_logit = self.attn_fc(cross.relu().flatten(1)).squeeze(1)
+        return self.bias + self.linear(x) + attention_logit + self.mlp(v.flatten(1)).squeeze(1)

@@ -1,0 +1,63 @@
+"""Files of a search run: safetensors for tensors, JSON metadata inside them, no pickle.
+
+Writes are atomic (temporary file in the same folder, fsync, rename), so a crash mid-save leaves
+the previous file intact.
+"""
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+
+def save(path, tensors, meta):
+    """Atomically writes `tensors` (name -> tensor) and a JSON-serialisable `meta` dict."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"pep_kernels": json.dumps(meta)})
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load(path):
+    """(tensors, meta) of a file written by `save`; ValueError for anything else or a damaged file."""
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = (f.metadata() or {}).get("pep_kernels")
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise ValueError(f"{path} is not a readable pep_kernels file: {e}") from None
+    if meta is None:
+        raise ValueError(f"{path} has no pep_kernels metadata: not written by pep_kernels")
+    return tensors, json.loads(meta)
+
+
+def optimizer_tensors(optimizer):
+    """An optimizer's per-parameter state as flat tensors (`optim.<param index>.<name>`)."""
+    state = optimizer.state_dict()["state"]
+    return {f"optim.{i}.{name}": torch.as_tensor(value) for i, entry in state.items() for name, value in entry.items()}
+
+
+def load_optimizer(optimizer, tensors):
+    state = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+    groups = optimizer.state_dict()["param_groups"]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})

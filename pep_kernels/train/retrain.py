@@ -1,0 +1,70 @@
+"""Lottery-ticket retrain of a search snapshot (PEP_SPEC section 5).
+
+The mask is the snapshot's non-zero pattern. The winning ticket rewinds the table to its step-0
+weights times the mask and every other parameter to its step-0 value, both read from the run's
+`initial.safetensors` (the reference gets this only implicitly, by reusing its seed); the
+control re-initialises everything randomly under the same mask. Training uses the search's
+optimizer and keeps the epoch with the best validation AUC, stopping after `patience` epochs
+without improvement; the test split is scored once, with that epoch's weights.
+"""
+
+from pathlib import Path
+
+import torch
+
+from ..modules import MaskedEmbedding
+from . import checkpoint
+from .evaluate import evaluate
+from .loop import fit
+from .spec import RunSpec
+
+
+def load_ticket(run_dir, snapshot, *, rewind=True, seed=0):
+    """The retrain model of a snapshot, not yet trained, and the snapshot's metadata."""
+    run_dir = Path(run_dir)
+    initial, meta = checkpoint.load(run_dir / "initial.safetensors")
+    spec = RunSpec.from_dict(meta["spec"])
+    tables, snap_meta = checkpoint.load(run_dir / snapshot if not Path(snapshot).is_absolute() else snapshot)
+    mask = tables["weight"] != 0
+    if rewind:
+        state = initial
+    else:
+        torch.manual_seed(seed + 1)  # any draw other than the search's
+        state = spec.build(spec.pep_embedding()).state_dict()
+    model = spec.build(MaskedEmbedding(state["embedding.weight"], mask, field_dims=spec.field_dims))
+    others = {k: v for k, v in state.items() if not k.startswith("embedding.")}
+    missing, unexpected = model.load_state_dict(others, strict=False)
+    leftover = [k for k in missing if not k.startswith("embedding.")]
+    if leftover or unexpected:
+        raise ValueError(f"{run_dir} does not match its model: missing {leftover}, unexpected {unexpected}")
+    return model, dict(snap_meta, spec=spec.to_dict())
+
+
+def retrain(run_dir, snapshot, train, val, test, *, rewind=True, epochs=10, patience=2, seed=0, device="cpu",
+            save_path=None, log=print, **optim):
+    """Retrains a snapshot; `train`, `val`, `test` are (x, y) pairs; `optim` as `fit`'s
+    (lr, weight_decay, batch_size, clip_norm), the search's by default. Returns the metrics and,
+    with `save_path`, writes the retrained model there (read it back with `load_retrained`)."""
+    model, meta = load_ticket(run_dir, snapshot, rewind=rewind, seed=seed)
+    best = fit(model, train, val, epochs=epochs, patience=patience, seed=seed, device=device, log=log,
+               desc="retrain", **optim)
+    test_score = evaluate(model, *test, device=device)
+    result = {
+        "snapshot": str(snapshot), "rewind": rewind, "nnz": model.embedding.nnz(),
+        "sparsity": model.embedding.sparsity(), "val_auc": best["auc"], "val_logloss": best["logloss"],
+        "best_epoch": best["epoch"], "test_auc": test_score["auc"], "test_logloss": test_score["logloss"],
+    }
+    if save_path is not None:
+        checkpoint.save(save_path, model.state_dict(), {"spec": meta["spec"], "retrain": result})
+    return result
+
+
+def load_retrained(path):
+    """A model written by `retrain(save_path=...)`, and its metadata."""
+    state, meta = checkpoint.load(path)
+    spec = RunSpec.from_dict(meta["spec"])
+    if "embedding.weight" not in state or "embedding.keep" not in state:
+        raise ValueError(f"{path} holds no retrained PEP table (embedding.weight and embedding.keep)")
+    model = spec.build(MaskedEmbedding(state["embedding.weight"], state["embedding.keep"], field_dims=spec.field_dims))
+    model.load_state_dict(state)
+    return model, meta

@@ -1,0 +1,289 @@
+"""The CTR data loaders on tiny files written per test (no data file is ever committed)."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from pep_kernels.data import (
+    AVAZU_FIELD_NAMES,
+    CRITEO_FIELD_NAMES,
+    CTRData,
+    criteo_integer_token,
+    load_avazu,
+    load_criteo,
+    load_movielens_1m,
+    load_movielens_100k,
+    make_synthetic_ctr,
+    movielens_100k_dir,
+    split,
+)
+from pep_kernels.data import _streaming
+
+# ---------------------------------------------------------------------------------------- Criteo
+
+
+def criteo_line(label=0, ints=(), cats=()):
+    """One train.txt line; the integer columns not given are 1, the categorical ones "a"."""
+    ints = list(ints) + ["1"] * (13 - len(ints))
+    cats = list(cats) + ["a"] * (26 - len(cats))
+    return "\t".join([str(label)] + ints + cats) + "\n"
+
+
+def write(path, lines):
+    path.write_text("".join(lines), encoding="latin-1")
+    return path
+
+
+@pytest.mark.parametrize("raw, token", [("", ""), ("-1", "-3"), ("0", "-2"), ("2", "0"), ("3", "1"),
+                                        ("4", "1"), ("100", "21"), ("109", "22")])
+def test_criteo_integer_rule(raw, token):
+    assert criteo_integer_token(raw) == token
+
+
+@pytest.mark.parametrize("raw", ["1.5", "abc", " 5", "1_000", "+"])
+def test_criteo_integer_rule_rejects_non_integers(raw):
+    with pytest.raises(ValueError, match="not an integer"):
+        criteo_integer_token(raw)
+
+
+def test_criteo_integers_share_ids_exactly_when_their_tokens_match(tmp_path):
+    raw_values = ["", "-1", "0", "2", "3", "4", "100", "105"]  # 3/4 -> 1 and 100/105 -> 21
+    path = write(tmp_path / "train.txt", [criteo_line(ints=[v]) for v in raw_values])
+    data = load_criteo(path, min_count=1)
+    ids = dict(zip(raw_values, data.x[:, 0].tolist()))
+    assert ids["3"] == ids["4"] and ids["100"] == ids["105"]
+    assert len({ids[v] for v in ["", "-1", "0", "2", "3", "100"]}) == 6
+    assert data.field_dims[0] == 6
+
+
+def test_criteo_rare_values_share_one_oov_id(tmp_path):
+    c1 = ["a"] * 3 + ["b"] * 2 + ["c", "d"]
+    labels = [1, 0, 1, 0, 0, 1, 0]
+    path = write(tmp_path / "train.txt", [criteo_line(y, cats=[v]) for y, v in zip(labels, c1)])
+    data = load_criteo(path, min_count=2)
+    assert data.field_names == list(CRITEO_FIELD_NAMES) and len(data.field_dims) == 39
+    # Frequent values by decreasing count, then one shared id for "c" and "d".
+    assert data.x[:, 13].tolist() == [0, 0, 0, 1, 1, 2, 2]
+    assert data.field_dims[13] == 3
+    assert data.field_dims[14] == 1  # C2 is always "a": no rare value, so no OOV id
+    assert data.y.tolist() == labels and data.y.dtype == torch.float32 and data.x.dtype == torch.int64
+    assert load_criteo(path, min_count=1).field_dims[13] == 4
+    assert load_criteo(path, min_count=4).field_dims[13] == 1  # everything is rare
+
+
+def test_criteo_empty_categorical_is_its_own_value(tmp_path):
+    path = write(tmp_path / "train.txt", [criteo_line(cats=["a"] * 25 + [v]) for v in ["", "", "x"]])
+    data = load_criteo(path, min_count=1)
+    assert data.x[:, 38].tolist() == [0, 0, 1] and data.field_dims[38] == 2
+
+
+def test_criteo_max_rows_reads_the_first_examples(tmp_path):
+    path = write(tmp_path / "train.txt", [criteo_line(y) for y in [1, 0, 1, 1]])
+    assert load_criteo(path, min_count=1, max_rows=2).y.tolist() == [1, 0]
+
+
+def test_criteo_second_load_comes_from_cache_until_the_file_changes(tmp_path, monkeypatch):
+    path = write(tmp_path / "train.txt", [criteo_line(y, cats=[v]) for y, v in zip([1, 0, 1], "aab")])
+    cache = tmp_path / "cache"
+    first = load_criteo(path, min_count=2, cache_dir=cache)
+    (entry,) = cache.iterdir()
+    meta = json.loads((entry / "meta.json").read_text())
+    assert meta["field_dims"] == first.field_dims and meta["params"]["min_count"] == 2
+    assert {p.name for p in entry.iterdir()} == {"x.npy", "y.npy", "meta.json"}
+
+    def no_encoding(*args, **kwargs):
+        raise AssertionError("encoded the file again instead of using the cache")
+
+    monkeypatch.setattr(_streaming, "_encode", no_encoding)
+    cached = load_criteo(path, min_count=2, cache_dir=cache)
+    assert torch.equal(cached.x, first.x) and torch.equal(cached.y, first.y)
+    assert cached.field_dims == first.field_dims and cached.field_names == first.field_names
+    with pytest.raises(AssertionError, match="again"):  # other parameters: another entry
+        load_criteo(path, min_count=1, cache_dir=cache)
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    with pytest.raises(AssertionError, match="again"):  # same size, newer modification time
+        load_criteo(path, min_count=2, cache_dir=cache)
+
+    monkeypatch.undo()
+    write(path, [criteo_line(y) for y in [1, 0, 1, 0, 0]])
+    assert len(load_criteo(path, min_count=2, cache_dir=cache)) == 5
+    assert not [p for p in cache.iterdir() if ".partial-" in p.name]
+
+
+@pytest.mark.parametrize("bad_line, problem", [
+    ("\t".join(["1"] * 39) + "\n", "expected 40 tab-separated columns"),
+    (criteo_line(ints=["1", "1.5"]), "integer field I2 is '1.5'"),
+    (criteo_line(label=2), "label is '2', expected 0 or 1"),
+    ("\n", "expected 40 tab-separated columns .*, found 1"),
+])  # fmt: skip
+def test_criteo_malformed_line_names_file_and_line(tmp_path, bad_line, problem):
+    path = write(tmp_path / "train.txt", [criteo_line(), criteo_line(), bad_line, criteo_line()])
+    with pytest.raises(ValueError, match=rf"train\.txt, line 3: {problem}") as error:
+        load_criteo(path, min_count=1)
+    assert str(path) in str(error.value)
+
+
+def test_criteo_skip_mode_counts_and_warns_also_from_cache(tmp_path):
+    lines = [criteo_line(1), criteo_line(label="x"), criteo_line(0), "1\t2\n", criteo_line(ints=["?"]), criteo_line(1)]
+    path = write(tmp_path / "train.txt", lines)
+    for _ in range(2):  # builds the cache, then loads it
+        with pytest.warns(UserWarning, match=r"skipped 3 malformed lines.*line 2: label is 'x'"):
+            data = load_criteo(path, min_count=1, cache_dir=tmp_path / "cache", on_error="skip")
+        assert data.skipped_lines == 3 and data.y.tolist() == [1, 0, 1]
+    with pytest.raises(ValueError, match="line 2"):  # a raise-mode load does not reuse the skipping cache
+        load_criteo(path, min_count=1, cache_dir=tmp_path / "cache")
+
+
+def test_criteo_rejects_bad_arguments(tmp_path):
+    path = write(tmp_path / "train.txt", [criteo_line()])
+    with pytest.raises(ValueError, match="on_error must be one of"):
+        load_criteo(path, on_error="ignore")
+    with pytest.raises(ValueError, match="min_count must be an integer >= 1, got 0"):
+        load_criteo(path, min_count=0)
+    with pytest.raises(FileNotFoundError, match="criteo data file not found"):
+        load_criteo(tmp_path / "missing.txt")
+    with pytest.raises(ValueError, match="no well-formed data rows"):
+        load_criteo(write(tmp_path / "bad.txt", ["oops\n"]), on_error="skip")
+
+
+# ----------------------------------------------------------------------------------------- Avazu
+
+AVAZU_HEADER = ["id", "click"] + list(AVAZU_FIELD_NAMES)
+
+
+def avazu_line(columns, row_id, click, hour="14102100", site_id="s1"):
+    values = {name: f"{name}_v" for name in AVAZU_FIELD_NAMES}
+    values.update(id=str(row_id), click=str(click), hour=hour, site_id=site_id)
+    return ",".join(values[name] for name in columns) + "\n"
+
+
+@pytest.mark.parametrize("columns", [AVAZU_HEADER, AVAZU_HEADER[::-1]], ids=["canonical", "reordered"])
+def test_avazu_reads_fields_by_header_and_drops_id(tmp_path, columns):
+    rows = [(0, "14102100", "s1"), (1, "14102100", "s2"), (1, "14102101", "s1")]
+    lines = [",".join(columns) + "\n"] + [avazu_line(columns, 10**6 + i, *row) for i, row in enumerate(rows)]
+    data = load_avazu(write(tmp_path / "train", lines), min_count=1)
+    assert data.field_names == list(AVAZU_FIELD_NAMES) and len(data.field_dims) == 22
+    assert data.y.tolist() == [0, 1, 1]
+    assert data.x[:, 0].tolist() == [0, 0, 1] and data.field_dims[0] == 2  # hour, raw
+    assert data.x[:, 3].tolist() == [0, 1, 0]  # site_id
+    assert data.field_dims[4:] == [1] * 18
+    assert load_avazu(tmp_path / "train", min_count=2).field_dims[:4] == [2, 1, 1, 2]  # rare values merged
+
+
+def test_avazu_rejects_a_foreign_header(tmp_path):
+    path = write(tmp_path / "train", [",".join(AVAZU_HEADER[:-1] + ["extra"]) + "\n"])
+    with pytest.raises(ValueError, match=r"line 1: expected the Avazu header.*missing \['C21'\], unexpected \['extra'\]"):
+        load_avazu(path, on_error="skip")
+
+
+def test_avazu_malformed_lines_count_the_header(tmp_path):
+    good = avazu_line(AVAZU_HEADER, 1, 1)
+    lines = [",".join(AVAZU_HEADER) + "\n", good, good.replace(",1,", ",yes,", 1), good.rstrip("\n") + ",x\n", good]
+    path = write(tmp_path / "train", lines)
+    with pytest.raises(ValueError, match=r"train, line 3: label is 'yes', expected 0 or 1"):
+        load_avazu(path, min_count=1)
+    with pytest.warns(UserWarning, match="skipped 2 malformed lines"):
+        data = load_avazu(path, min_count=1, on_error="skip")
+    assert data.skipped_lines == 2 and len(data) == 2
+
+
+# ------------------------------------------------------------------------------------- MovieLens
+
+
+def write_ml1m(directory, ratings):
+    directory.mkdir()
+    write(directory / "users.dat", ["1::F::1::10::48067\n", "2::M::56::16::70072\n", "3::M::25::15::55117-1234\n"])
+    write(directory / "movies.dat", ["1::Toy Story (1995)::Animation|Children's|Comedy\n",
+                                      "2::Amélie (2001)::Romance|Comedy\n",
+                                      "3::Comedy Drama (1999) ::Drama|Comedy\n"])  # fmt: skip
+    write(directory / "ratings.dat", [f"{u}::{i}::{r}::{t}\n" for u, i, r, t in ratings])
+    return directory
+
+
+def test_movielens_1m_label_rule_and_side_fields(tmp_path):
+    ratings = [(1, 1, 5, 1000), (1, 2, 3, 900), (2, 2, 1, 1001), (2, 3, 4, 1100), (3, 1, 2, 1000)]
+    directory = write_ml1m(tmp_path / "ml-1m", ratings)
+    data = load_movielens_1m(directory)
+    assert data.field_names == ["timestamp_bucket", "gender", "age", "occupation", "zip_code", "year", "genres"]
+    assert data.y.tolist() == [1, 0, 1, 0]  # the rating of 3 is dropped, label = rating > 3
+    # Seconds since the first rating (900, the dropped one counts): 100 -> 21, 101 -> 21, 200 -> 28.
+    assert data.x[:, 0].tolist() == [0, 0, 1, 0]
+    assert data.x[:, 1].tolist() == [0, 1, 1, 1]  # F, M
+    assert data.x[:, 2].tolist() == [0, 2, 2, 1]  # age codes 1 < 25 < 56
+    assert data.x[:, 5].tolist() == [0, 2, 1, 0]  # years 1995 < 1999 < 2001, trailing space tolerated
+    # "Romance|Comedy" and "Drama|Comedy" are different sets; the latin-1 title parsed.
+    assert data.field_dims == [2, 2, 3, 3, 3, 3, 3]
+
+    with_ids = load_movielens_1m(directory, include_ids=True)
+    assert with_ids.field_names[:2] == ["user_id", "item_id"] and with_ids.field_dims[:2] == [3, 3]
+    assert torch.equal(with_ids.x[:, 2:], data.x)
+
+
+def test_movielens_1m_genre_set_ignores_listing_order(tmp_path):
+    directory = write_ml1m(tmp_path / "ml-1m", [(1, 2, 5, 1), (1, 3, 5, 2)])
+    write(directory / "movies.dat", ["2::A (2001)::Drama|Comedy\n", "3::B (2001)::Comedy|Drama\n"])
+    assert load_movielens_1m(directory).field_dims[-1] == 1
+
+
+def test_movielens_1m_errors_name_file_and_line(tmp_path):
+    directory = write_ml1m(tmp_path / "ml-1m", [(1, 1, 5, 1), (9, 1, 5, 2)])
+    with pytest.raises(ValueError, match=r"ratings\.dat, line 2: user '9' is not in .*users\.dat"):
+        load_movielens_1m(directory)
+    write(directory / "ratings.dat", ["1::1::5::1\n", "1::1::five::2\n"])
+    with pytest.raises(ValueError, match=r"ratings\.dat, line 2: rating is 'five', expected a number"):
+        load_movielens_1m(directory)
+    write(directory / "ratings.dat", ["1::1::5\n"])
+    with pytest.raises(ValueError, match=r"line 1: expected 4 '::'-separated columns, found 3"):
+        load_movielens_1m(directory)
+    (directory / "movies.dat").unlink()
+    with pytest.raises(FileNotFoundError, match=r"\['movies\.dat'\] not found"):
+        load_movielens_1m(directory)
+
+
+def test_movielens_100k_from_recbole():
+    try:
+        movielens_100k_dir()  # finds recbole with importlib.util.find_spec, without importing it
+    except FileNotFoundError as missing:
+        pytest.skip(f"MovieLens-100K is not installed: {missing}")
+    data = load_movielens_100k()
+    assert len(data) == 72_855
+    assert 0.75 < data.y.mean().item() < 0.77
+    assert len(data.field_dims) == 9 and data.field_dims[:2] == [943, 1642]
+    side_only = load_movielens_100k(include_ids=False)
+    assert len(side_only.field_dims) == 7 and side_only.field_names[0] == "timestamp_bucket"
+    assert torch.equal(side_only.x, data.x[:, 2:]) and torch.equal(side_only.y, data.y)
+
+
+# ---------------------------------------------------------------------------------- CTRData, split
+
+
+def synthetic_data(n):
+    return CTRData.from_synthetic(make_synthetic_ctr(n, [5, 7], seed=1))
+
+
+def examples(*parts):
+    return sorted(row + [label] for part in parts for row, label in zip(part.x.tolist(), part.y.tolist()))
+
+
+def test_split_sizes_partition_and_determinism():
+    data = synthetic_data(1000)
+    train, val, test = split(data, seed=3)
+    assert (len(train), len(val), len(test)) == (800, 100, 100)
+    assert examples(train, val, test) == examples(data)  # every example exactly once
+    assert train.field_dims == data.field_dims and train.field_names == data.field_names
+    assert torch.equal(split(data, seed=3)[0].x, train.x)
+    assert not torch.equal(split(data, seed=4)[0].x, train.x)
+    assert [len(part) for part in split(synthetic_data(100), fractions=(0.29, 0.71, 0.0))] == [29, 71, 0]
+    with pytest.raises(ValueError, match="summing to 1"):
+        split(data, fractions=(0.8, 0.1, 0.2))
+
+
+def test_ctr_data_rejects_ids_outside_field_dims():
+    data = synthetic_data(10)
+    with pytest.raises(ValueError, match=r"field 'field_1' has ids in \[\d+, \d+\], expected 0 \.\. 2"):
+        CTRData(data.x, data.y, [5, 3], data.field_names)
+    with pytest.raises(ValueError, match="x must be a 2-D int64 tensor"):
+        CTRData(data.x.int(), data.y, data.field_dims, data.field_names)
