@@ -3,7 +3,8 @@
 import torch
 from torch import nn
 
-from .layers import LinearTerm, MultiLayerPerceptron, embedding_dim_of
+from .layers import LinearTerm
+from .widedeep import WideAndDeep
 
 
 def pairwise_interaction(v):
@@ -28,19 +29,12 @@ class FactorizationMachine(nn.Module):
         return self.bias + self.linear(x) + pairwise_interaction(self.embedding(x))
 
 
-class DeepFM(nn.Module):
-    """FM plus an MLP over the concatenated embeddings; both parts read the same embedding.
+class DeepFM(WideAndDeep):
+    """Wide & Deep plus the FM interaction; all parts read the same embedding.
 
     The PEP reference uses mlp_dims (100, 100) on MovieLens-1M and (400, 400, 400) on Criteo and
     Avazu, dropout 0.2.
     """
-
-    def __init__(self, field_dims, embedding, mlp_dims=(400, 400, 400), dropout=0.2):
-        super().__init__()
-        self.embedding = embedding
-        self.linear = LinearTerm(field_dims)
-        self.bias = nn.Parameter(torch.zeros(1))
-        self.mlp = MultiLayerPerceptron(len(field_dims) * embedding_dim_of(embedding), mlp_dims, dropout)
 
     def forward(self, x):
         v = self.embedding(x)
