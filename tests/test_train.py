@@ -9,6 +9,8 @@ from pep_kernels import MaskedEmbedding, reference
 from pep_kernels.data import make_synthetic_ctr
 from pep_kernels.train import budget_counts, evaluate, evaluate_per_batch, retrain, search
 from pep_kernels.train import checkpoint
+from pep_kernels.models import FieldEmbedding
+from pep_kernels.train.magnitude import magnitude_mask, magnitude_ticket
 from pep_kernels.train.retrain import load_ticket
 from pep_kernels.train.spec import RunSpec
 
@@ -152,3 +154,22 @@ def test_damaged_files_raise_value_error(tmp_path):
             checkpoint.load(path)
     with pytest.raises(FileNotFoundError):
         checkpoint.load(tmp_path / "missing.safetensors")
+
+
+def test_magnitude_pruning_keeps_the_largest_entries():
+    weight = torch.tensor([[0.1, -0.9, 0.3], [0.0, 0.5, -0.2]])
+    mask = magnitude_mask(weight, 3)
+    assert torch.equal(mask, torch.tensor([[False, True, True], [False, True, False]]))
+    with pytest.raises(ValueError, match=r"nnz must be in \[0, 6\], got 7"):
+        magnitude_mask(weight, 7)
+    spec_ = spec()
+    torch.manual_seed(0)
+    full = spec_.build(FieldEmbedding(FIELD_DIMS, 8))
+    initial = {k: v.clone() for k, v in full.state_dict().items()}
+    trained = torch.randn(80, 8)
+    model = magnitude_ticket(spec_, initial, trained, 100)
+    assert model.embedding.mask().sum() == 100
+    kept = model.embedding.mask()
+    assert trained.abs()[kept].min() >= trained.abs()[~kept].max()
+    assert torch.equal(model.embedding.weight.detach(), initial["embedding.embedding.weight"] * kept)
+    assert torch.equal(model.linear.weight.detach(), initial["linear.weight"])

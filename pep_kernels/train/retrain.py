@@ -31,13 +31,19 @@ def load_ticket(run_dir, snapshot, *, rewind=True, seed=0):
     else:
         torch.manual_seed(seed + 1)  # any draw other than the search's
         state = spec.build(spec.pep_embedding()).state_dict()
-    model = spec.build(MaskedEmbedding(state["embedding.weight"], mask, field_dims=spec.field_dims))
+    return masked_model(spec, state["embedding.weight"], mask, state), dict(snap_meta, spec=spec.to_dict())
+
+
+def masked_model(spec, weight, mask, state):
+    """The spec's model over MaskedEmbedding(weight, mask), every other parameter from `state`."""
+    model = spec.build(MaskedEmbedding(weight, mask, field_dims=spec.field_dims))
     others = {k: v for k, v in state.items() if not k.startswith("embedding.")}
     missing, unexpected = model.load_state_dict(others, strict=False)
     leftover = [k for k in missing if not k.startswith("embedding.")]
     if leftover or unexpected:
-        raise ValueError(f"{run_dir} does not match its model: missing {leftover}, unexpected {unexpected}")
-    return model, dict(snap_meta, spec=spec.to_dict())
+        raise ValueError(f"saved parameters do not match the {spec.model} model: missing {leftover}, "
+                         f"unexpected {unexpected}")
+    return model
 
 
 def retrain(run_dir, snapshot, train, val, test, *, rewind=True, epochs=10, patience=2, seed=0, device="cpu",
