@@ -19,9 +19,11 @@ def backward_args(mode, device="cpu"):
 @pytest.mark.parametrize("mode", MODES)
 def test_opcheck_cpu_ops(mode):
     grad, ids, weight, threshold = backward_args(mode)
-    torch.library.opcheck(ops.cpu_forward.default, (ids, weight, threshold, mode, 0.9))
-    for sparse in (False, True):
-        torch.library.opcheck(ops.cpu_backward.default, (grad, ids, weight, threshold, mode, 0.9, sparse))
+    column_major = weight.t().contiguous().t()  # the fakes must match outputs whatever the input strides
+    for w in (weight, column_major):
+        torch.library.opcheck(ops.cpu_forward.default, (ids, w, threshold, mode, 0.9))
+        for sparse in (False, True):
+            torch.library.opcheck(ops.cpu_backward.default, (grad, ids, w, threshold, mode, 0.9, sparse))
 
 
 def test_opcheck_id_ops():

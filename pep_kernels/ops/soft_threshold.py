@@ -312,9 +312,9 @@ if HAS_CPU_KERNELS:
     def _(grad_out, ids, weight, threshold, mode, gk, sparse):
         row_source, _ = mode_layout(mode)
         if not sparse:
-            return torch.empty_like(weight), torch.empty_like(threshold), ids.new_empty(0, dtype=torch.int64)
+            return weight.new_empty(weight.shape), threshold.new_empty(threshold.shape), ids.new_empty(0, dtype=torch.int64)
         num_rows = torch.library.get_ctx().new_dynamic_size()
-        grad_s = threshold.new_empty((num_rows, threshold.shape[1])) if row_source == PER_ROW else torch.empty_like(threshold)
+        grad_s = threshold.new_empty((num_rows, threshold.shape[1])) if row_source == PER_ROW else threshold.new_empty(threshold.shape)
         return weight.new_empty((num_rows, weight.shape[1])), grad_s, ids.new_empty(num_rows, dtype=torch.int64)
 
 
