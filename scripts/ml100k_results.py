@@ -1,7 +1,7 @@
 """MovieLens-100K accuracy at equal budgets: full table vs PEP (retrained winning ticket) vs
 magnitude pruning at the same non-zero count. Writes the markdown table of docs/RESULTS.md.
 
-    python scripts/ml100k_results.py [--models fm deepfm autoint] [--seeds 0 1 2] [--out docs/ml100k.md]
+    python scripts/ml100k_results.py [--models fm deepfm autoint] [--seeds 0 1 2] [--out ml100k.md]
 
 Every run uses one recipe: Adam with coupled L2 1e-5, batch 1024, gradient clipping at 100, and
 the settings under which PEP prunes within the budget on this small dataset (threshold_init -4,
@@ -103,7 +103,7 @@ def main(argv=None):
     parser.add_argument("--models", nargs="+", default=list(MODEL_KWARGS), choices=list(MODEL_KWARGS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=40)
-    parser.add_argument("--out", type=Path, default=Path("docs/ml100k.md"))
+    parser.add_argument("--out", type=Path, default=Path("ml100k.md"), help="markdown table; raw results go beside it as .json")
     args = parser.parse_args(argv)
     data = load_movielens_100k()
     start = time.perf_counter()
