@@ -10,7 +10,39 @@ from .functional import resolve_backend, soft_threshold_embedding
 from .ops.indices import offset_field_ids
 
 
-class PEPEmbedding(nn.Module):
+class _FieldTable(nn.Module):
+    """What every table module shares: the per-field id contract and the counts of its pruned table."""
+
+    def _set_field_dims(self, field_dims, num_rows, device):
+        """Validates `field_dims` against the table and keeps it as a buffer (None: global ids)."""
+        if field_dims is None:
+            self.field_dims = None
+            return
+        field_dims = [int(f) for f in field_dims]
+        if not field_dims or min(field_dims) < 1:
+            raise ValueError(f"field_dims must be a non-empty list of positive sizes, got {field_dims}")
+        if sum(field_dims) != num_rows:
+            raise ValueError(f"sum(field_dims) = {sum(field_dims)} must equal num_embeddings = {num_rows}")
+        self.register_buffer("field_dims", torch.tensor(field_dims, device=device), persistent=False)
+
+    def mask(self):
+        """Boolean (N, d): the entries of the pruned table that are non-zero."""
+        return self.pruned_weight() != 0
+
+    def nnz(self):
+        """Number of non-zero entries of the pruned table."""
+        return int(torch.count_nonzero(self.pruned_weight()))
+
+    def sparsity(self):
+        """Fraction of the table that is pruned, in [0, 1]."""
+        return 1.0 - self.nnz() / (self.num_embeddings * self.embedding_dim)
+
+    def dims_per_row(self):
+        """The learned embedding size of each feature: non-zero dims per row, int64 (N,)."""
+        return (self.pruned_weight() != 0).sum(1)
+
+
+class PEPEmbedding(_FieldTable):
     """A drop-in for `nn.Embedding` whose table is soft-thresholded by learnable thresholds (PEP).
 
     With `field_dims` the input holds per-field local ids of shape `(..., F)` and each field's
@@ -27,24 +59,16 @@ class PEPEmbedding(nn.Module):
         for name, value in (("num_embeddings", num_embeddings), ("embedding_dim", embedding_dim)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        row_source, _ = mode_layout(threshold_mode)
-        if field_dims is not None:
-            field_dims = [int(f) for f in field_dims]
-            if not field_dims or min(field_dims) < 1:
-                raise ValueError(f"field_dims must be a non-empty list of positive sizes, got {field_dims}")
-            if sum(field_dims) != num_embeddings:
-                raise ValueError(f"sum(field_dims) = {sum(field_dims)} must equal num_embeddings = {num_embeddings}")
-            self.register_buffer("field_dims", torch.tensor(field_dims, device=device), persistent=False)
-        elif row_source == PER_FIELD:
+        if field_dims is None and mode_layout(threshold_mode)[0] == PER_FIELD:
             raise ValueError(f"threshold_mode {threshold_mode!r} needs field_dims")
-        else:
-            self.field_dims = None
+        self._set_field_dims(field_dims, num_embeddings, device)
         resolve_backend(backend, torch.device("cpu") if device is None else torch.device(device))
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.threshold_mode, self.gk = threshold_mode, check_gk(gk)
         self.sparse, self.deterministic, self.backend = sparse, deterministic, backend
         self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim, device=device, dtype=dtype))
-        shape = threshold_shape(threshold_mode, num_embeddings, embedding_dim, field_dims and len(field_dims))
+        num_fields = None if self.field_dims is None else self.field_dims.numel()
+        shape = threshold_shape(threshold_mode, num_embeddings, embedding_dim, num_fields)
         self.threshold = nn.Parameter(torch.full(shape, float(threshold_init), device=device, dtype=dtype))
         nn.init.xavier_uniform_(self.weight)
 
@@ -62,22 +86,6 @@ class PEPEmbedding(nn.Module):
         field_dims = None if self.field_dims is None else self.field_dims.tolist()
         return reference.soft_threshold(self.weight, self.threshold, self.threshold_mode, self.gk, field_dims)
 
-    def mask(self):
-        """Boolean (N, d): the entries that survive the threshold."""
-        return self.pruned_weight() != 0
-
-    def nnz(self):
-        """Number of non-zero entries of the pruned table."""
-        return int(self.mask().sum())
-
-    def sparsity(self):
-        """Fraction of the table that is pruned, in [0, 1]."""
-        return 1.0 - self.nnz() / (self.num_embeddings * self.embedding_dim)
-
-    def dims_per_row(self):
-        """The learned embedding size of each feature: non-zero dims per row, int64 (N,)."""
-        return self.mask().sum(1)
-
     def extra_repr(self):
         fields = "" if self.field_dims is None else f", fields={self.field_dims.numel()}"
         return (
@@ -86,7 +94,7 @@ class PEPEmbedding(nn.Module):
         )
 
 
-class MaskedEmbedding(nn.Module):
+class MaskedEmbedding(_FieldTable):
     """The retrain stage of PEP (lottery ticket): a fixed mask, no threshold.
 
     Pruned entries stay exactly zero: their outputs are masked, so their loss gradient is zero,
@@ -99,13 +107,7 @@ class MaskedEmbedding(nn.Module):
         super().__init__()
         if weight.dim() != 2 or tuple(mask.shape) != tuple(weight.shape):
             raise ValueError(f"weight must be 2-D and mask of its shape, got {tuple(weight.shape)} and {tuple(mask.shape)}")
-        if field_dims is not None:
-            field_dims = [int(f) for f in field_dims]
-            if sum(field_dims) != weight.shape[0]:
-                raise ValueError(f"sum(field_dims) = {sum(field_dims)} must equal the {weight.shape[0]} rows of weight")
-            self.register_buffer("field_dims", torch.tensor(field_dims, device=weight.device), persistent=False)
-        else:
-            self.field_dims = None
+        self._set_field_dims(field_dims, weight.shape[0], weight.device)
         self.num_embeddings, self.embedding_dim = weight.shape
         self.register_buffer("keep", mask.to(torch.bool))
         self.weight = nn.Parameter(weight.detach() * self.keep)
@@ -122,16 +124,8 @@ class MaskedEmbedding(nn.Module):
         return self.weight * self.keep
 
     def mask(self):
+        """The fixed mask (an entry it keeps may still have trained to exactly zero)."""
         return self.keep.clone()
-
-    def nnz(self):
-        return int(torch.count_nonzero(self.pruned_weight()))
-
-    def sparsity(self):
-        return 1.0 - self.nnz() / (self.num_embeddings * self.embedding_dim)
-
-    def dims_per_row(self):
-        return (self.pruned_weight() != 0).sum(1)
 
     def extra_repr(self):
         fields = "" if self.field_dims is None else f", fields={self.field_dims.numel()}"

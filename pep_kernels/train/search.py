@@ -57,7 +57,7 @@ def search(spec, x, y, out_dir, budgets, *, epochs=10, lr=1e-3, weight_decay=1e-
     embedding = model.embedding
     optimizer = make_optimizer(model, lr, weight_decay)
     remaining = budget_counts(budgets, spec.num_embeddings * spec.embedding_dim)
-    state = {"step": 0, "epoch": 0, "batch": 0, "remaining": remaining, "snapshots": []}
+    state = {"step": 0, "epoch": 0, "batch": 0, "remaining": list(remaining), "snapshots": []}
     history = []  # (step, nnz, mean threshold) after every step
 
     ckpt_path = out_dir / "checkpoint.safetensors"
