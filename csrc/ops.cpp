@@ -2,15 +2,27 @@
 // Fake (meta) kernels and autograd are registered in Python (pep_kernels/ops/).
 #include <torch/library.h>
 
+#include "optim.h"
 #include "soft_threshold.h"
 
 TORCH_LIBRARY(pep_kernels, m) {
   m.def("cpu_forward(Tensor ids, Tensor weight, Tensor threshold, str mode, float gk) -> Tensor");
   m.def("cpu_backward(Tensor grad_out, Tensor ids, Tensor weight, Tensor threshold, str mode, float gk, "
         "bool sparse) -> (Tensor, Tensor, Tensor)");
+  m.def("cpu_backward_step(Tensor grad_out, Tensor ids, Tensor(a!)[] weight_state, Tensor(b!)[] threshold_state, "
+        "Tensor schedule, str mode, float gk, str kind, float[] hparams, int step) -> Tensor");
+  m.def("cpu_count_nonzero(Tensor weight, Tensor threshold, str mode, float gk, Tensor field_offsets) -> int");
+  m.def("row_optimizer_step(Tensor(a!)[] state, Tensor rows, Tensor grads, Tensor schedule, str kind, "
+        "float[] hparams, int step) -> ()");
+  m.def("row_optimizer_catch_up(Tensor(a!)[] state, Tensor? rows, Tensor schedule, float[] hparams, "
+        "int to_step) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(pep_kernels, CPU, m) {
   m.impl("cpu_forward", &pep_kernels::cpu_forward);
   m.impl("cpu_backward", &pep_kernels::cpu_backward);
+  m.impl("cpu_backward_step", &pep_kernels::cpu_backward_step);
+  m.impl("cpu_count_nonzero", &pep_kernels::cpu_count_nonzero);
+  m.impl("row_optimizer_step", &pep_kernels::row_optimizer_step);
+  m.impl("row_optimizer_catch_up", &pep_kernels::row_optimizer_catch_up);
 }

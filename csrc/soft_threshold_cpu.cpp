@@ -5,8 +5,8 @@
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 
-#include <cstdlib>
-
+#include "cpu_features.h"
+#include "optim.h"
 #include "soft_threshold_rows.h"
 
 namespace pep_kernels {
@@ -65,17 +65,6 @@ void check_ids(const index_t* ids, int64_t n, int64_t num_rows) {
   }
 }
 
-// PEP_KERNELS_DISABLE_AVX2=1 forces the base kernels (how the tests reach them on AVX2 machines).
-bool cpu_has_avx2() {
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                          std::getenv("PEP_KERNELS_DISABLE_AVX2") == nullptr;
-  return has;
-#else
-  return false;
-#endif
-}
-
 // Grain: about 32K elements per task, so small batches stay on one thread.
 int64_t grain(int64_t elements_per_item) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(elements_per_item, 1)); }
 
@@ -106,9 +95,20 @@ at::Tensor cpu_forward(const at::Tensor& ids_in, const at::Tensor& weight, const
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_backward(
+namespace {
+
+// A fused optimizer step for the backward: the table's and the per-row threshold's states.
+struct FusedStep {
+  at::TensorList weight_state, threshold_state;
+  const at::Tensor& schedule;
+  RowOptim kind;
+  at::ArrayRef<double> hparams;
+  int64_t step;
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& grad_out_in, const at::Tensor& ids_in, const at::Tensor& weight,
-    const at::Tensor& threshold, std::string_view mode, double gk, bool sparse) {
+    const at::Tensor& threshold, std::string_view mode, double gk, bool sparse, const FusedStep* fused) {
   check_inputs(ids_in, weight, threshold);
   const Layout layout = parse_mode(mode);
   const at::Tensor ids = ids_in.contiguous();
@@ -128,8 +128,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_backward(
   const int64_t num_segments = seg_rows.numel();
   const int64_t num_dst = sparse ? num_segments : num_rows;
   const bool per_row = layout.rows == RowSource::PerRow;
-  // Sparse gradients have one row per segment, all written by the kernel: no zero fill.
+  // Sparse gradients have one row per segment, all written by the kernel: no zero fill. A fused
+  // step writes no table gradient at all.
   const auto alloc = [&](int64_t cols) {
+    if (fused != nullptr) return at::Tensor();
     return sparse ? at::empty({num_dst, cols}, weight.options()) : at::zeros({num_dst, cols}, weight.options());
   };
   at::Tensor grad_w = alloc(d);
@@ -137,12 +139,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_backward(
   at::Tensor contrib = per_row ? at::Tensor() : at::empty({n, d}, weight.options());
 
   AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "pep_cpu_backward", [&] {
+    OptimArgs<scalar_t> update_w{}, update_s{};
+    if (fused != nullptr) {
+      update_w = optim_args<scalar_t>(fused->weight_state, fused->schedule, fused->kind, fused->hparams, fused->step);
+      if (per_row) {
+        update_s = optim_args<scalar_t>(fused->threshold_state, fused->schedule, fused->kind, fused->hparams,
+                                        fused->step);
+      }
+    }
     const BackwardArgs<scalar_t> args{
         seg_rows.data_ptr<int64_t>(), seg_start.data_ptr<int64_t>(), order.data_ptr<int64_t>(),
         weight.data_ptr<scalar_t>(), weight.stride(0), weight.stride(1), s.data_ptr<scalar_t>(), s.stride(0),
         s.stride(1), s.size(0), grad_out.data_ptr<scalar_t>(), d, layout, static_cast<scalar_t>(gk), sparse,
-        grad_w.data_ptr<scalar_t>(), per_row ? grad_s.data_ptr<scalar_t>() : nullptr,
-        per_row ? nullptr : contrib.data_ptr<scalar_t>()};
+        grad_w.defined() ? grad_w.data_ptr<scalar_t>() : nullptr,
+        grad_s.defined() ? grad_s.data_ptr<scalar_t>() : nullptr,
+        per_row ? nullptr : contrib.data_ptr<scalar_t>(),
+        fused != nullptr ? &update_w : nullptr,
+        fused != nullptr && per_row ? &update_s : nullptr};
     const bool avx2 = cpu_has_avx2();
     const int64_t per_segment = d * std::max<int64_t>(1, n / std::max<int64_t>(num_segments, 1));
     at::parallel_for(0, num_segments, grain(per_segment), [&](int64_t begin, int64_t end) {
@@ -161,11 +174,60 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_backward(
     }
     const at::Tensor y = at::sigmoid(s);
     grad_s = (-(total.view_as(s) * gk) * (1 - y) * y).view(threshold.sizes());
-  } else if (!sparse) {
+  } else if (!sparse && grad_s.defined()) {
     grad_s = grad_s.view(threshold.sizes());
   }
   at::Tensor rows = sparse ? seg_rows : at::empty({0}, ids.options().dtype(at::kLong));
   return {grad_w, grad_s, rows};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_backward(
+    const at::Tensor& grad_out, const at::Tensor& ids, const at::Tensor& weight,
+    const at::Tensor& threshold, std::string_view mode, double gk, bool sparse) {
+  return backward(grad_out, ids, weight, threshold, mode, gk, sparse, nullptr);
+}
+
+at::Tensor cpu_backward_step(const at::Tensor& grad_out, const at::Tensor& ids, at::TensorList weight_state,
+                             at::TensorList threshold_state, const at::Tensor& schedule, std::string_view mode,
+                             double gk, std::string_view kind_name, at::ArrayRef<double> hparams, int64_t step) {
+  const RowOptim kind = parse_optim(kind_name);
+  TORCH_CHECK_VALUE(kind != RowOptim::AdamDense,
+                    "adam_dense updates every row: take the sparse gradient and call row_optimizer_step");
+  TORCH_CHECK_VALUE(!weight_state.empty() && !threshold_state.empty(),
+                    "weight_state and threshold_state must start with the weight and the threshold");
+  const FusedStep fused{weight_state, threshold_state, schedule, kind, hparams, step};
+  at::Tensor grad_s = std::get<1>(backward(grad_out, ids, weight_state[0], threshold_state[0], mode, gk,
+                                           /*sparse=*/true, &fused));
+  return grad_s.defined() ? grad_s : at::empty({0}, threshold_state[0].options());
+}
+
+int64_t cpu_count_nonzero(const at::Tensor& weight, const at::Tensor& threshold, std::string_view mode, double gk,
+                          const at::Tensor& field_offsets_in) {
+  check_inputs(at::empty({0}, weight.options().dtype(at::kLong)), weight, threshold);
+  const Layout layout = parse_mode(mode);
+  const int64_t num_rows = weight.size(0), d = weight.size(1);
+  const at::Tensor field_offsets = field_offsets_in.to(at::kLong).contiguous();
+  if (layout.rows == RowSource::PerField) {
+    TORCH_CHECK_VALUE(field_offsets.dim() == 1 && field_offsets.numel() == threshold.size(0) + 1 &&
+                          field_offsets[0].item<int64_t>() == 0 && field_offsets[-1].item<int64_t>() == num_rows,
+                      "a per-field threshold needs field_offsets [0, ..., ", num_rows, "] of ", threshold.size(0) + 1,
+                      " entries, got ", field_offsets.sizes());
+  }
+  const at::Tensor s = threshold_2d(threshold, weight, layout, threshold.size(0));
+  int64_t total = 0;
+  AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "pep_cpu_count_nonzero", [&] {
+    const CountArgs<scalar_t> args{weight.data_ptr<scalar_t>(), weight.stride(0), weight.stride(1),
+                                   s.data_ptr<scalar_t>(), s.stride(0), s.stride(1), d, layout,
+                                   static_cast<scalar_t>(gk),
+                                   layout.rows == RowSource::PerField ? field_offsets.data_ptr<int64_t>() : nullptr};
+    const bool avx2 = cpu_has_avx2();
+    total = at::parallel_reduce(0, num_rows, grain(d), int64_t(0), [&](int64_t begin, int64_t end, int64_t acc) {
+      return acc + (avx2 ? rows_avx2::count_nonzero(args, begin, end) : rows_base::count_nonzero(args, begin, end));
+    }, std::plus<int64_t>());
+  });
+  return total;
 }
 
 }  // namespace pep_kernels

@@ -4,6 +4,8 @@
 
 #include <cstdint>
 
+#include "optim_rows.h"
+
 namespace pep_kernels {
 
 enum class RowSource { Shared, PerRow, PerField };
@@ -45,6 +47,23 @@ struct BackwardArgs {
   T* grad_w;     // (rows or segments, d); every segment's row is written, others left as they are
   T* grad_s;     // per-row modes: (rows or segments, 1 or d), likewise
   T* contrib;    // shared modes: (n, d) per-lookup terms G * sign(W) * [|W| > t]
+  // Fused optimizer: when set, each segment's row of W (and per-row threshold) is updated in
+  // place with its gradient, and grad_w / grad_s are not written.
+  const OptimArgs<T>* update_w;
+  const OptimArgs<T>* update_s;
+};
+
+// The whole table: row i's threshold row is 0, i, or its field f (field_offsets[f] <= i < field_offsets[f + 1]).
+template <typename T>
+struct CountArgs {
+  const T* w;
+  int64_t sw0, sw1;
+  const T* s;
+  int64_t ss0, ss1;
+  int64_t d;
+  Layout layout;
+  T gk;
+  const int64_t* field_offsets;
 };
 
 #define PEP_DECLARE_ROW_KERNELS(ns)                                                              \
@@ -55,6 +74,9 @@ struct BackwardArgs {
   void forward(const ForwardArgs<double, int64_t>& a, int64_t begin, int64_t end);              \
   void backward(const BackwardArgs<float>& a, int64_t begin, int64_t end);                       \
   void backward(const BackwardArgs<double>& a, int64_t begin, int64_t end);                      \
+  /* Non-zeros of the soft-thresholded rows [begin, end). */                                     \
+  int64_t count_nonzero(const CountArgs<float>& a, int64_t begin, int64_t end);                  \
+  int64_t count_nonzero(const CountArgs<double>& a, int64_t begin, int64_t end);                 \
   }
 
 PEP_DECLARE_ROW_KERNELS(rows_base)

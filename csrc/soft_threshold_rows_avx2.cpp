@@ -12,6 +12,7 @@
 #pragma GCC target("avx2,fma")
 #endif
 namespace pep_kernels::rows_avx2 {
+#include "optim_rows.inc"
 #include "soft_threshold_rows.inc"
 }  // namespace pep_kernels::rows_avx2
 #if defined(__clang__)
@@ -20,6 +21,7 @@ namespace pep_kernels::rows_avx2 {
 #else
 // No AVX2 build on this platform: the base kernels serve (soft_threshold_cpu.cpp never picks these).
 namespace pep_kernels::rows_avx2 {
+#include "optim_rows.inc"
 #include "soft_threshold_rows.inc"
 }  // namespace pep_kernels::rows_avx2
 #endif

@@ -5,5 +5,6 @@
 #include "soft_threshold_rows.h"
 
 namespace pep_kernels::rows_base {
+#include "optim_rows.inc"
 #include "soft_threshold_rows.inc"
 }  // namespace pep_kernels::rows_base

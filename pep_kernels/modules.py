@@ -5,9 +5,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import reference
-from ._validation import PER_FIELD, check_gk, check_ids_in_range, mode_layout, threshold_shape
+from ._validation import PER_FIELD, PER_ROW, check_gk, check_lookup, check_ids_in_range, mode_layout, threshold_shape
 from .functional import resolve_backend, soft_threshold_embedding
+from .ops import optim as optim_ops
 from .ops.indices import offset_field_ids
+from .optim import Adam, RowOptimizer
 
 
 class _FieldTable(nn.Module):
@@ -49,11 +51,16 @@ class PEPEmbedding(_FieldTable):
     rows follow the previous field's, as in torchfm's FeaturesEmbedding; `num_embeddings` must
     equal `sum(field_dims)`, and the field modes need it. The table is Xavier-uniform over
     `(N, d)` and every threshold starts at `threshold_init`, as in the reference code.
+
+    With `optimizer` (a `pep_kernels.optim` rule) the table trains itself: the backward updates
+    the looked-up rows of W and of per-row thresholds in place, and their `.grad` stays None
+    (see `pep_kernels.optim`). The optimizer state is kept in buffers, so `state_dict` holds it.
     """
 
     def __init__(
         self, num_embeddings, embedding_dim, *, threshold_mode="feature_dim", threshold_init=-15.0, gk=1.0,
-        field_dims=None, sparse=False, deterministic=False, backend="auto", device=None, dtype=None,
+        field_dims=None, sparse=False, deterministic=False, backend="auto", optimizer=None, device=None,
+        dtype=None,
     ):
         super().__init__()
         for name, value in (("num_embeddings", num_embeddings), ("embedding_dim", embedding_dim)):
@@ -71,26 +78,110 @@ class PEPEmbedding(_FieldTable):
         shape = threshold_shape(threshold_mode, num_embeddings, embedding_dim, num_fields)
         self.threshold = nn.Parameter(torch.full(shape, float(threshold_init), device=device, dtype=dtype))
         nn.init.xavier_uniform_(self.weight)
+        self._set_optimizer(optimizer)
+
+    def _set_optimizer(self, optimizer):
+        self.optimizer = optimizer
+        if optimizer is None:
+            return
+        if not isinstance(optimizer, RowOptimizer):
+            raise TypeError(f"optimizer must be a pep_kernels.optim rule (SGD, Adagrad, Adam), got {optimizer!r}")
+        if self.backend == "reference":
+            raise ValueError("a fused optimizer needs backend 'auto', 'cpu' or 'triton', not 'reference'")
+        self.register_buffer("optimizer_step", torch.zeros((), dtype=torch.int64, device=self.weight.device))
+        for name in self._optimized_parameters():
+            param = getattr(self, name)
+            for state, shape in optimizer.state_shapes(param).items():
+                dtype = torch.int64 if state == "last_step" else param.dtype
+                self.register_buffer(f"{name}_{state}", torch.zeros(shape, dtype=dtype, device=param.device))
+        self._schedule = None
+        # Rows of a `fast` Adam table are brought up to date before anything reads the whole table.
+        self.register_state_dict_pre_hook(lambda module, prefix, keep_vars: module.sync())
+
+    def _optimized_parameters(self):
+        """The parameters the fused optimizer updates: W, and the threshold when it is per row."""
+        return ("weight", "threshold") if mode_layout(self.threshold_mode)[0] == PER_ROW else ("weight",)
+
+    def _optimizer_state(self, name):
+        param = getattr(self, name).detach()
+        states = [getattr(self, f"{name}_{s}") for s in self.optimizer.state_shapes(param)]
+        by_name = dict(zip(self.optimizer.state_shapes(param), states))
+        empty = param.new_empty(0)
+        return [param, by_name.get("exp_avg", by_name.get("sum", empty)), by_name.get("exp_avg_sq", empty),
+                by_name.get("last_step", empty.long())]
+
+    def _adam_schedule(self, step):
+        """Adam's per-step factors up to `step`, grown by doubling (empty for other rules)."""
+        if not isinstance(self.optimizer, Adam):
+            return self.weight.new_empty(0)
+        if self._schedule is None or self._schedule.shape[1] <= step:
+            capacity = max(1024, 2 * step)
+            self._schedule = self.optimizer.schedule(capacity, self.weight.dtype, self.weight.device)
+        return self._schedule
+
+    def _catch_up(self, rows):
+        """Adam `fast`: replays the skipped steps of `rows` (None: every row)."""
+        step = int(self.optimizer_step)
+        if not (isinstance(self.optimizer, Adam) and self.optimizer.mode == "fast") or step == 0:
+            return
+        schedule = self._adam_schedule(step)
+        with torch.no_grad():
+            for name in self._optimized_parameters():
+                optim_ops.row_optimizer_catch_up(
+                    self._optimizer_state(name), rows, schedule, self.optimizer.hparams(), step)
+
+    def sync(self):
+        """Brings every row up to date (a no-op unless the optimizer is `fast` Adam)."""
+        if self.optimizer is not None:
+            self._catch_up(None)
+
+    def backward_step(self, grad_out, ids):
+        """Called by the fused lookup's backward: one optimizer step on the looked-up rows."""
+        step = int(self.optimizer_step) + 1
+        weight_state = self._optimizer_state("weight")
+        threshold_state = (self._optimizer_state("threshold") if "threshold" in self._optimized_parameters()
+                           else [self.threshold.detach()])
+        grad_s = optim_ops.backward_step(
+            grad_out, ids, weight_state, threshold_state, self._adam_schedule(step), self.threshold_mode,
+            self.gk, self.optimizer.kind, self.optimizer.hparams(), step)
+        self.optimizer_step.fill_(step)
+        return grad_s
 
     def forward(self, indices):
         if self.field_dims is not None:
             indices = offset_field_ids(indices, self.field_dims)
-        return soft_threshold_embedding(
-            indices, self.weight, self.threshold, mode=self.threshold_mode, gk=self.gk,
-            sparse=self.sparse, deterministic=self.deterministic, backend=self.backend,
-        )
+        if self.optimizer is None:
+            return soft_threshold_embedding(
+                indices, self.weight, self.threshold, mode=self.threshold_mode, gk=self.gk,
+                sparse=self.sparse, deterministic=self.deterministic, backend=self.backend,
+            )
+        check_lookup(indices, self.weight, self.threshold, self.threshold_mode, self.gk)
+        self._catch_up(indices.reshape(-1).long())
+        return optim_ops.FusedStepFunction.apply(indices, self.weight, self.threshold, self)
 
     @torch.no_grad()
     def pruned_weight(self):
         """The whole soft-thresholded table S(V, s), shape (N, d)."""
+        self.sync()
         field_dims = None if self.field_dims is None else self.field_dims.tolist()
         return reference.soft_threshold(self.weight, self.threshold, self.threshold_mode, self.gk, field_dims)
+
+    def nnz(self):
+        """Number of non-zero entries of the pruned table (C++ kernel on CPU: no table copy)."""
+        if self.weight.is_cuda or self.weight.dtype not in (torch.float32, torch.float64):
+            return super().nnz()
+        self.sync()
+        offsets = torch.zeros(1, dtype=torch.int64) if self.field_dims is None else \
+            torch.nn.functional.pad(torch.cumsum(self.field_dims.cpu(), 0), (1, 0))
+        return torch.ops.pep_kernels.cpu_count_nonzero(
+            self.weight.detach(), self.threshold.detach(), self.threshold_mode, self.gk, offsets)
 
     def extra_repr(self):
         fields = "" if self.field_dims is None else f", fields={self.field_dims.numel()}"
         return (
             f"{self.num_embeddings}, {self.embedding_dim}, threshold_mode={self.threshold_mode!r}, "
             f"gk={self.gk}{fields}, sparse={self.sparse}, deterministic={self.deterministic}, backend={self.backend!r}"
+            + ("" if self.optimizer is None else f", optimizer={self.optimizer!r}")
         )
 
 

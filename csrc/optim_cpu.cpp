@@ -1,0 +1,152 @@
+#include "optim.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+
+#include "cpu_features.h"
+
+namespace pep_kernels {
+
+RowOptim parse_optim(std::string_view kind) {
+  if (kind == "sgd") return RowOptim::SGD;
+  if (kind == "adagrad") return RowOptim::Adagrad;
+  if (kind == "rowwise_adagrad") return RowOptim::RowwiseAdagrad;
+  if (kind == "adam") return RowOptim::Adam;
+  if (kind == "adam_dense") return RowOptim::AdamDense;
+  TORCH_CHECK_VALUE(false, "unknown row optimizer '", kind,
+                    "'; expected sgd, adagrad, rowwise_adagrad, adam or adam_dense");
+}
+
+namespace {
+
+void check_state(const at::Tensor& t, const at::Tensor& param, at::IntArrayRef shape, at::ScalarType dtype,
+                 const char* name) {
+  TORCH_CHECK_VALUE(t.defined() && t.sizes() == shape, "optimizer state ", name, " must have shape ", shape,
+                    ", got ", t.defined() ? t.sizes() : at::IntArrayRef{});
+  TORCH_CHECK_TYPE(t.scalar_type() == dtype, "optimizer state ", name, " must be ", dtype, ", got ",
+                   t.scalar_type());
+  TORCH_CHECK_VALUE(t.is_contiguous() && t.device() == param.device(), "optimizer state ", name,
+                    " must be contiguous and on the parameter's device");
+}
+
+}  // namespace
+
+template <typename T>
+OptimArgs<T> optim_args(at::TensorList state, const at::Tensor& schedule, RowOptim kind,
+                        at::ArrayRef<double> hparams, int64_t step) {
+  TORCH_CHECK_VALUE(state.size() == 4, "optimizer state must be [param, state1, state2, last_step], got ",
+                    state.size(), " tensors");
+  TORCH_CHECK_VALUE(hparams.size() == 5, "hparams must be [lr, eps, weight_decay, beta1, beta2], got ",
+                    hparams.size(), " values");
+  TORCH_CHECK_VALUE(step >= 1, "the optimizer step counts from 1, got ", step);
+  const at::Tensor& param = state[0];
+  TORCH_CHECK_VALUE(param.dim() == 2 && param.is_contiguous() && param.device().is_cpu(),
+                    "a row optimizer needs a contiguous 2-D CPU parameter, got shape ", param.sizes());
+  const int64_t rows = param.size(0), cols = param.size(1);
+  const auto dtype = param.scalar_type();
+  OptimArgs<T> o{kind, param.data_ptr<T>(), cols, nullptr, nullptr, nullptr, nullptr, nullptr,
+                 static_cast<T>(hparams[0]), static_cast<T>(hparams[1]), static_cast<T>(hparams[2]),
+                 static_cast<T>(hparams[4]), static_cast<T>(1 - hparams[3]), static_cast<T>(1 - hparams[4]), step};
+  if (kind == RowOptim::Adagrad) {
+    check_state(state[1], param, {rows, cols}, dtype, "sum");
+    o.state1 = state[1].data_ptr<T>();
+  } else if (kind == RowOptim::RowwiseAdagrad) {
+    check_state(state[1], param, {rows}, dtype, "sum");
+    o.state1 = state[1].data_ptr<T>();
+  } else if (kind == RowOptim::Adam || kind == RowOptim::AdamDense) {
+    check_state(state[1], param, {rows, cols}, dtype, "exp_avg");
+    check_state(state[2], param, {rows, cols}, dtype, "exp_avg_sq");
+    o.state1 = state[1].data_ptr<T>();
+    o.state2 = state[2].data_ptr<T>();
+    if (kind == RowOptim::Adam) {
+      check_state(state[3], param, {rows}, at::kLong, "last_step");
+      o.last_step = state[3].data_ptr<int64_t>();
+    }
+    TORCH_CHECK_VALUE(schedule.dim() == 2 && schedule.size(0) == 2 && schedule.size(1) > step &&
+                          schedule.scalar_type() == dtype && schedule.is_contiguous(),
+                      "Adam needs a contiguous ", dtype, " schedule of shape (2, > ", step, "), got ",
+                      schedule.sizes());
+    o.step_size = schedule.data_ptr<T>();
+    o.bc2_sqrt = o.step_size + schedule.size(1);
+  }
+  return o;
+}
+
+template OptimArgs<float> optim_args<float>(at::TensorList, const at::Tensor&, RowOptim, at::ArrayRef<double>, int64_t);
+template OptimArgs<double> optim_args<double>(at::TensorList, const at::Tensor&, RowOptim, at::ArrayRef<double>, int64_t);
+
+void row_optimizer_step(at::TensorList state, const at::Tensor& rows_in, const at::Tensor& grads_in,
+                        const at::Tensor& schedule, std::string_view kind_name, at::ArrayRef<double> hparams,
+                        int64_t step) {
+  const RowOptim kind = parse_optim(kind_name);
+  TORCH_CHECK_VALUE(!state.empty(), "optimizer state must not be empty");
+  const at::Tensor& param = state[0];
+  TORCH_CHECK_TYPE(param.scalar_type() == at::kFloat || param.scalar_type() == at::kDouble,
+                   "row optimizers take float32 or float64 parameters, got ", param.scalar_type());
+  TORCH_CHECK_TYPE(rows_in.scalar_type() == at::kLong, "rows must be int64, got ", rows_in.scalar_type());
+  const at::Tensor rows = rows_in.contiguous();
+  const int64_t n = rows.numel();
+  TORCH_CHECK_VALUE(rows.dim() == 1 && grads_in.dim() == 2 && grads_in.size(0) == n &&
+                        grads_in.size(1) == param.size(1),
+                    "grads must have shape (", n, ", ", param.size(1), ") for ", n, " rows, got ", grads_in.sizes());
+  const at::Tensor grads = grads_in.to(param.scalar_type()).contiguous();
+  if (n > 0) {
+    const auto [lo, hi] = at::aminmax(rows);
+    TORCH_CHECK_INDEX(lo.item<int64_t>() >= 0 && hi.item<int64_t>() < param.size(0), "row ",
+                      lo.item<int64_t>() < 0 ? lo.item<int64_t>() : hi.item<int64_t>(),
+                      " is out of range for a parameter of ", param.size(0), " rows");
+    // Sorted and distinct (as coalesced gradients are): two updates of one row would race.
+    TORCH_CHECK_VALUE(n == 1 || at::all(rows.slice(0, 1).gt(rows.slice(0, 0, n - 1))).item<bool>(),
+                      "rows must be sorted and distinct (coalesce the gradient first)");
+  }
+  const bool avx2 = cpu_has_avx2();
+  AT_DISPATCH_FLOATING_TYPES(param.scalar_type(), "pep_row_optimizer_step", [&] {
+    const OptimArgs<scalar_t> o = optim_args<scalar_t>(state, schedule, kind, hparams, step);
+    const int64_t* r = rows.data_ptr<int64_t>();
+    const scalar_t* g = grads.data_ptr<scalar_t>();
+    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(o.cols, 1));
+    if (kind == RowOptim::AdamDense) {
+      at::parallel_for(0, param.size(0), grain, [&](int64_t begin, int64_t end) {
+        avx2 ? rows_avx2::dense_adam(o, r, g, n, begin, end) : rows_base::dense_adam(o, r, g, n, begin, end);
+      });
+    } else {
+      at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
+        avx2 ? rows_avx2::apply_rows(o, r, g, begin, end) : rows_base::apply_rows(o, r, g, begin, end);
+      });
+    }
+  });
+}
+
+void row_optimizer_catch_up(at::TensorList state, const std::optional<at::Tensor>& rows_in,
+                            const at::Tensor& schedule, at::ArrayRef<double> hparams, int64_t to_step) {
+  TORCH_CHECK_VALUE(!state.empty(), "optimizer state must not be empty");
+  const at::Tensor& param = state[0];
+  TORCH_CHECK_TYPE(param.scalar_type() == at::kFloat || param.scalar_type() == at::kDouble,
+                   "row optimizers take float32 or float64 parameters, got ", param.scalar_type());
+  if (to_step < 1) return;  // nothing has been applied yet
+  at::Tensor rows;
+  if (rows_in.has_value()) {
+    TORCH_CHECK_TYPE(rows_in->scalar_type() == at::kLong, "rows must be int64, got ", rows_in->scalar_type());
+    rows = rows_in->contiguous();
+    if (rows.numel() > 0) {
+      const auto [lo, hi] = at::aminmax(rows);
+      TORCH_CHECK_INDEX(lo.item<int64_t>() >= 0 && hi.item<int64_t>() < param.size(0), "row ",
+                        lo.item<int64_t>() < 0 ? lo.item<int64_t>() : hi.item<int64_t>(),
+                        " is out of range for a parameter of ", param.size(0), " rows");
+    }
+  }
+  const int64_t n = rows.defined() ? rows.numel() : param.size(0);
+  const bool avx2 = cpu_has_avx2();
+  AT_DISPATCH_FLOATING_TYPES(param.scalar_type(), "pep_row_optimizer_catch_up", [&] {
+    const OptimArgs<scalar_t> o = optim_args<scalar_t>(state, schedule, RowOptim::Adam, hparams, to_step);
+    const int64_t* r = rows.defined() ? rows.data_ptr<int64_t>() : nullptr;
+    // Rows far behind cost far more than others: small tasks keep the threads balanced.
+    at::parallel_for(0, n, 256, [&](int64_t begin, int64_t end) {
+      avx2 ? rows_avx2::catch_up(o, r, begin, end, to_step) : rows_base::catch_up(o, r, begin, end, to_step);
+    });
+  });
+}
+
+}  // namespace pep_kernels

@@ -1,0 +1,90 @@
+"""Row-sparse optimizer steps on table parameters, and the lookup whose backward applies one
+(`FusedStepFunction`): C++ ops on CPU (csrc/optim_cpu.cpp), Triton on GPU (optim_triton.py).
+
+State convention of every op: `state = [param, state1, state2, last_step]`, unused entries empty
+tensors (see `pep_kernels.optim` for the rules and csrc/optim.h for the contract). Steps count
+from 1; `schedule` is Adam's per-step factors, `Adam.schedule`.
+"""
+
+import torch
+
+from .._validation import PER_ROW, mode_layout
+from .soft_threshold import HAS_CPU_KERNELS, _cpu_ops, _triton_ops, checked_ids
+
+if HAS_CPU_KERNELS:
+
+    @torch.library.register_fake("pep_kernels::cpu_backward_step")
+    def _(grad_out, ids, weight_state, threshold_state, schedule, mode, gk, kind, hparams, step):
+        threshold = threshold_state[0]
+        return threshold.new_empty(0) if mode_layout(mode)[0] == PER_ROW else threshold.new_empty(threshold.shape)
+
+    @torch.library.register_fake("pep_kernels::row_optimizer_step")
+    def _(state, rows, grads, schedule, kind, hparams, step):
+        return None
+
+    @torch.library.register_fake("pep_kernels::row_optimizer_catch_up")
+    def _(state, rows, schedule, hparams, to_step):
+        return None
+
+
+def _triton():
+    from . import optim_triton  # noqa: PLC0415 - Triton optimizer kernels are needed on GPU only
+
+    return optim_triton
+
+
+def row_optimizer_step(state, rows, grads, schedule, kind, hparams, step):
+    """Applies step `step` to the sorted distinct `rows` of `state[0]` with gradients `grads`
+    (kind `adam_dense` also updates every other row, with a zero loss gradient)."""
+    if state[0].is_cuda:
+        _triton().row_optimizer_step(state, rows, grads, schedule, kind, hparams, step)
+    else:
+        torch.ops.pep_kernels.row_optimizer_step(state, rows, grads, schedule, kind, hparams, step)
+
+
+def row_optimizer_catch_up(state, rows, schedule, hparams, to_step):
+    """Adam `fast`: replays the skipped steps of `rows` (any ids; all rows when None) up to `to_step`."""
+    if state[0].is_cuda:
+        _triton().row_optimizer_catch_up(state, rows, schedule, hparams, to_step)
+    else:
+        torch.ops.pep_kernels.row_optimizer_catch_up(state, rows, schedule, hparams, to_step)
+
+
+def backward_step(grad_out, ids, weight_state, threshold_state, schedule, mode, gk, kind, hparams, step):
+    """The lookup's backward with the optimizer step applied to the looked-up rows; returns the
+    gradient of a shared threshold, or None for per-row thresholds (updated here)."""
+    per_row = mode_layout(mode)[0] == PER_ROW
+    if kind == "adam_dense" or weight_state[0].is_cuda:
+        weight, threshold = weight_state[0], threshold_state[0]
+        backward = _cpu_ops()[1] if not weight.is_cuda else _triton_ops()[1]
+        grad_w, grad_s, rows = backward(grad_out, ids, weight, threshold, mode, gk, True, deterministic=False)
+        row_optimizer_step(weight_state, rows, grad_w, schedule, kind, hparams, step)
+        if not per_row:
+            return grad_s
+        row_optimizer_step(threshold_state, rows, grad_s, schedule, kind, hparams, step)
+        return None
+    grad_s = torch.ops.pep_kernels.cpu_backward_step(
+        grad_out, ids, weight_state, threshold_state, schedule, mode, gk, kind, hparams, step)
+    return None if per_row else grad_s
+
+
+class FusedStepFunction(torch.autograd.Function):
+    """A lookup whose backward steps the table's row optimizer (`table.backward_step`) instead of
+    returning gradients for W and per-row thresholds."""
+
+    @staticmethod
+    def forward(ctx, indices, weight, threshold, table):
+        if weight.is_cuda:
+            ids = checked_ids(indices, weight.shape[0])
+            forward = _triton_ops()[0]
+        else:
+            ids = indices.reshape(-1)
+            forward = _cpu_ops()[0]
+        out = forward(ids, weight, threshold, table.threshold_mode, table.gk)
+        ctx.ids, ctx.table = ids, table
+        return out.view(indices.shape + (weight.shape[1],))
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_s = ctx.table.backward_step(grad_out.reshape(-1, ctx.table.embedding_dim), ctx.ids)
+        return None, None, grad_s, None

@@ -1,0 +1,106 @@
+"""Row-sparse optimizers for embedding tables, fused into the backward (FBGEMM style).
+
+Give one to `PEPEmbedding(optimizer=...)`: the backward then updates only the rows of W (and of
+per-row thresholds, modes `feature`/`feature_dim`) that the batch looked up, duplicate ids
+reduced first, and no gradient tensor of the table is made. Shared thresholds (`global`,
+`dimension`, field modes) still get an ordinary gradient: leave them to a torch optimizer, which
+skips W and the per-row thresholds because their `.grad` stays None.
+
+The element rules are torch.optim's, with coupled L2 (`g + weight_decay * p`):
+
+- `SGD`: p -= lr * g.
+- `Adagrad`: sum += g^2; p -= lr * g / (sqrt(sum) + eps); `rowwise=True` keeps one sum per row,
+  the mean of g^2 over the row (FBGEMM's EXACT_ROWWISE_ADAGRAD).
+- `Adam`, two modes:
+  - `faithful`: the published PEP recipe exactly (PEP_SPEC section 3): every row takes every
+    step, with a zero loss gradient when it was not looked up, in one pass over W, s and their
+    moments per step.
+  - `fast`: only looked-up rows are touched. A row's skipped steps are replayed when it is next
+    looked up (and for the whole table by `PEPEmbedding.sync()`, which `pruned_weight`, `nnz`
+    and `state_dict` call): the same element rule with a zero loss gradient, step by step, in
+    registers. So `fast` computes the same numbers as `faithful` (bitwise on CPU: both run one
+    element function), and the L2-under-Adam drift that drives PEP's pruning is kept. The
+    replay costs as many element updates as the dense pass, but without its memory traffic:
+    each skipped row is read and written once instead of once per step.
+
+Gradient clipping does not see a fused table's gradients (they never exist), as with FBGEMM;
+the published recipe's clip (total norm 100) does not engage in its runs.
+"""
+
+import math
+
+import torch
+
+
+class RowOptimizer:
+    """An update rule for a table parameter; `PEPEmbedding` holds its state as buffers."""
+
+    kind = None  # the kernel's name for the rule
+
+    def __init__(self, lr, weight_decay, eps=0.0, betas=(0.0, 0.0)):
+        for name, value in (("lr", lr), ("weight_decay", weight_decay), ("eps", eps)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas) or len(betas) != 2:
+            raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
+        self.lr, self.weight_decay, self.eps, self.betas = float(lr), float(weight_decay), float(eps), tuple(map(float, betas))
+
+    def hparams(self):
+        """[lr, eps, weight_decay, beta1, beta2], the kernels' order."""
+        return [self.lr, self.eps, self.weight_decay, *self.betas]
+
+    def state_shapes(self, param):
+        """Names and shapes of the per-parameter state (zeros at the start), in kernel order."""
+        return {}
+
+    def __repr__(self):
+        return f"{type(self).__name__}(lr={self.lr}, weight_decay={self.weight_decay})"
+
+
+class SGD(RowOptimizer):
+    kind = "sgd"
+
+    def __init__(self, lr, weight_decay=0.0):
+        super().__init__(lr, weight_decay)
+
+
+class Adagrad(RowOptimizer):
+    def __init__(self, lr=1e-2, eps=1e-10, weight_decay=0.0, rowwise=False):
+        super().__init__(lr, weight_decay, eps)
+        self.rowwise = bool(rowwise)
+        self.kind = "rowwise_adagrad" if self.rowwise else "adagrad"
+
+    def state_shapes(self, param):
+        return {"sum": param.shape[:1] if self.rowwise else param.shape}
+
+    def __repr__(self):
+        return f"Adagrad(lr={self.lr}, eps={self.eps}, weight_decay={self.weight_decay}, rowwise={self.rowwise})"
+
+
+class Adam(RowOptimizer):
+    MODES = ("fast", "faithful")
+
+    def __init__(self, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, mode="fast"):
+        super().__init__(lr, weight_decay, eps, betas)
+        if mode not in self.MODES:
+            raise ValueError(f"unknown Adam mode {mode!r}; expected one of {self.MODES}")
+        self.mode = mode
+        self.kind = "adam" if mode == "fast" else "adam_dense"
+
+    def state_shapes(self, param):
+        shapes = {"exp_avg": param.shape, "exp_avg_sq": param.shape}
+        if self.mode == "fast":
+            shapes["last_step"] = param.shape[:1]
+        return shapes
+
+    def schedule(self, steps, dtype, device):
+        """(2, steps + 1): lr / (1 - beta1^u) and sqrt(1 - beta2^u) for u = 0..steps, computed
+        as torch.optim.Adam computes them (u = 0 is never used)."""
+        b1, b2 = self.betas
+        rows = [[0.0] + [self.lr / (1 - b1**u) for u in range(1, steps + 1)],
+                [1.0] + [math.sqrt(1 - b2**u) for u in range(1, steps + 1)]]
+        return torch.tensor(rows, dtype=dtype, device=device)
+
+    def __repr__(self):
+        return (f"Adam(lr={self.lr}, betas={self.betas}, eps={self.eps}, weight_decay={self.weight_decay}, "
+                f"mode={self.mode!r})")
