@@ -32,15 +32,28 @@ SHAPES = {
 }
 
 
+def lookup_probabilities(shape):
+    """Probability that one id is each row, float64 (N,): uniform, or Zipf over the row number."""
+    if not shape.zipf:
+        return torch.full((shape.rows,), 1 / shape.rows, dtype=torch.float64)
+    weights = torch.arange(1, shape.rows + 1, dtype=torch.float64).pow(-shape.zipf)
+    return weights / weights.sum()
+
+
+def make_ids(shape, generator, batches=1):
+    """`batches` batches of ids, (batches, B, F) int64, drawn from `generator`."""
+    count = batches * shape.lookups
+    if shape.zipf:
+        ids = torch.multinomial(lookup_probabilities(shape), count, replacement=True, generator=generator)
+    else:
+        ids = torch.randint(0, shape.rows, (count,), generator=generator)
+    return ids.view(batches, shape.batch, shape.fields)
+
+
 def make_inputs(shape, mode="feature_dim", device="cpu", dtype=torch.float32, seed=0):
     """(ids (B, F), weight, threshold) with thresholds that prune about half of the entries."""
     gen = torch.Generator().manual_seed(seed)
-    if shape.zipf:
-        ranks = torch.arange(1, shape.rows + 1, dtype=torch.float64)
-        ids = torch.multinomial(ranks.pow(-shape.zipf), shape.lookups, replacement=True, generator=gen)
-    else:
-        ids = torch.randint(0, shape.rows, (shape.lookups,), generator=gen)
-    ids = ids.view(shape.batch, shape.fields).to(device)
+    ids = make_ids(shape, gen)[0].to(device)
     bound = (6 / (shape.rows + shape.dim)) ** 0.5  # Xavier-uniform, as PEPEmbedding
     weight = ((torch.rand(shape.rows, shape.dim, generator=gen) * 2 - 1) * bound).to(device, dtype)
     # sigmoid(s) * gk around bound / 2: about half of the entries survive.

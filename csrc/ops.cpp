@@ -11,7 +11,7 @@ TORCH_LIBRARY(pep_kernels, m) {
         "bool sparse) -> (Tensor, Tensor, Tensor)");
   m.def("cpu_backward_step(Tensor grad_out, Tensor ids, Tensor(a!)[] weight_state, Tensor(b!)[] threshold_state, "
         "Tensor schedule, str mode, float gk, str kind, float[] hparams, int step) -> Tensor");
-  m.def("cpu_count_nonzero(Tensor weight, Tensor threshold, str mode, float gk, Tensor field_offsets) -> int");
+  m.def("cpu_count_nonzero(Tensor weight, Tensor threshold, str mode, float gk, Tensor field_offsets) -> Tensor");
   m.def("row_optimizer_step(Tensor(a!)[] state, Tensor rows, Tensor grads, Tensor schedule, str kind, "
         "float[] hparams, int step) -> ()");
   m.def("row_optimizer_catch_up(Tensor(a!)[] state, Tensor? rows, Tensor schedule, float[] hparams, "

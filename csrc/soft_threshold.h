@@ -27,8 +27,8 @@ at::Tensor cpu_backward_step(const at::Tensor& grad_out, const at::Tensor& ids, 
                              double gk, std::string_view kind, at::ArrayRef<double> hparams, int64_t step);
 
 // Non-zeros of the soft-thresholded table S(weight, threshold); field_offsets (F + 1 row
-// offsets) places the rows in fields for the field modes and is ignored otherwise.
-int64_t cpu_count_nonzero(const at::Tensor& weight, const at::Tensor& threshold, std::string_view mode, double gk,
+// offsets) places the rows in fields for the field modes and is ignored otherwise. A 0-d int64.
+at::Tensor cpu_count_nonzero(const at::Tensor& weight, const at::Tensor& threshold, std::string_view mode, double gk,
                           const at::Tensor& field_offsets);
 
 }  // namespace pep_kernels

@@ -203,7 +203,7 @@ at::Tensor cpu_backward_step(const at::Tensor& grad_out, const at::Tensor& ids, 
   return grad_s.defined() ? grad_s : at::empty({0}, threshold_state[0].options());
 }
 
-int64_t cpu_count_nonzero(const at::Tensor& weight, const at::Tensor& threshold, std::string_view mode, double gk,
+at::Tensor cpu_count_nonzero(const at::Tensor& weight, const at::Tensor& threshold, std::string_view mode, double gk,
                           const at::Tensor& field_offsets_in) {
   check_inputs(at::empty({0}, weight.options().dtype(at::kLong)), weight, threshold);
   const Layout layout = parse_mode(mode);
@@ -227,7 +227,7 @@ int64_t cpu_count_nonzero(const at::Tensor& weight, const at::Tensor& threshold,
       return acc + (avx2 ? rows_avx2::count_nonzero(args, begin, end) : rows_base::count_nonzero(args, begin, end));
     }, std::plus<int64_t>());
   });
-  return total;
+  return at::scalar_tensor(total, at::kLong);
 }
 
 }  // namespace pep_kernels

@@ -173,8 +173,8 @@ class PEPEmbedding(_FieldTable):
         self.sync()
         offsets = torch.zeros(1, dtype=torch.int64) if self.field_dims is None else \
             torch.nn.functional.pad(torch.cumsum(self.field_dims.cpu(), 0), (1, 0))
-        return torch.ops.pep_kernels.cpu_count_nonzero(
-            self.weight.detach(), self.threshold.detach(), self.threshold_mode, self.gk, offsets)
+        return int(torch.ops.pep_kernels.cpu_count_nonzero(
+            self.weight.detach(), self.threshold.detach(), self.threshold_mode, self.gk, offsets))
 
     def extra_repr(self):
         fields = "" if self.field_dims is None else f", fields={self.field_dims.numel()}"

@@ -60,3 +60,24 @@ def soft_threshold(weight, threshold, mode="feature_dim", gk=1.0, field_dims=Non
         threshold = threshold[field_of_rows(field_dims).to(threshold.device)]
     compute = torch.promote_types(weight.dtype, torch.float32)
     return soft_threshold_values(weight.to(compute), threshold.to(compute), gk).to(weight.dtype)
+
+
+def row_optimizer_step(rule, param, state, rows, grads):
+    """One step of a `pep_kernels.optim` SGD or Adagrad rule on the distinct `rows` of `param`
+    with loss gradients `grads`, in place; `state` holds the rule's tensors by name (zeros at
+    first). Adam's oracle is torch.optim.Adam itself (every row, every step: the faithful mode)."""
+    kind = rule.kind
+    p = param[rows]
+    g = grads.add(p, alpha=rule.weight_decay)
+    if kind == "sgd":
+        param[rows] = p.add(g, alpha=-rule.lr)
+    elif kind == "adagrad":
+        total = state["sum"][rows].addcmul(g, g)
+        state["sum"][rows] = total
+        param[rows] = p.addcdiv(g, total.sqrt().add(rule.eps), value=-rule.lr)
+    elif kind == "rowwise_adagrad":
+        total = state["sum"][rows] + (g * g).mean(1)
+        state["sum"][rows] = total
+        param[rows] = p - (rule.lr / (total.sqrt() + rule.eps)).unsqueeze(1) * g
+    else:
+        raise ValueError(f"no eager oracle for {kind!r} here: use torch.optim.Adam")

@@ -26,6 +26,10 @@ if HAS_CPU_KERNELS:
     def _(state, rows, schedule, hparams, to_step):
         return None
 
+    @torch.library.register_fake("pep_kernels::cpu_count_nonzero")
+    def _(weight, threshold, mode, gk, field_offsets):
+        return weight.new_empty((), dtype=torch.int64)
+
 
 def _triton():
     from . import optim_triton  # noqa: PLC0415 - Triton optimizer kernels are needed on GPU only

@@ -1,0 +1,364 @@
+"""Row-sparse optimizer steps of table parameters on GPU: Triton kernels, their torch.library ops
+and the checked entry points that `ops.optim` calls on CUDA tensors.
+
+Same contract as the C++ CPU ops (csrc/optim.h, csrc/optim_cpu.cpp): `state = [param, state1,
+state2, last_step]`, `hparams = [lr, eps, weight_decay, beta1, beta2]`, steps count from 1 and
+`schedule` is `Adam.schedule` (row 0: lr / (1 - beta1^u), row 1: sqrt(1 - beta2^u)). The element
+rules are those of csrc/optim_rows.inc in the same operation order and roundings, in fp32: fused
+multiply-adds where the C++ calls std::fma, correctly rounded division and square root
+(`tl.div_rn`, `tl.sqrt_rn`; Triton's `/` and `tl.sqrt` may be approximate on a GPU), and no
+other product fused into a sum (the C++ is built with -ffp-contract=off). Results equal the C++
+op's bit for bit in Triton's interpreter; on a GPU subnormal values may flush to zero.
+
+The checks, and the data-dependent steps (range checks, deduplicating catch-up ids), run in the
+Python entry points; the Triton ops assume checked inputs and have no outputs, so they trace
+under fake tensors.
+"""
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+from triton.runtime.interpreter import InterpretedFunction
+
+_SGD = tl.constexpr(0)
+_ADAGRAD = tl.constexpr(1)
+_ROWWISE_ADAGRAD = tl.constexpr(2)
+_ADAM = tl.constexpr(3)
+# Kernel KIND of each rule ("adam_dense" has its own kernel).
+_KINDS = {"sgd": 0, "adagrad": 1, "rowwise_adagrad": 2, "adam": 3, "adam_dense": None}
+
+
+@triton.jit
+def _unfused_product(a, b):
+    """a * b rounded on its own. A plain product feeding a sum would be fused into an fma (one
+    rounding) by the GPU compiler; an fma with a zero addend rounds the product alone."""
+    return tl.fma(a, b, 0.0)
+
+
+@triton.jit
+def _adam_element(p, m, v, g, neg_step_size, bc2_sqrt, eps, weight_decay, beta2, one_minus_beta1,
+                  one_minus_beta2):
+    """torch.optim.Adam's step on a tile (adam_element in csrc/optim_rows.inc); returns p, m, v."""
+    gg = tl.fma(p, weight_decay, g)
+    m = tl.fma(one_minus_beta1, gg - m, m)
+    v = tl.fma(one_minus_beta2 * gg, gg, v * beta2)
+    denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
+    p = p + tl.div_rn(neg_step_size * m, denom)
+    return p, m, v
+
+
+@triton.jit
+def _adam_replay(p, m, v, sched_ptr, sched_len, first, last, eps, weight_decay, beta2, one_minus_beta1,
+                 one_minus_beta2):
+    """Steps first[r]..last[r] with a zero loss gradient on each row r of a (rows, cols) tile
+    (none where first[r] > last[r]); returns p, m, v."""
+    for u in range(tl.min(first, axis=0), tl.max(last, axis=0) + 1):
+        neg_step_size = -tl.load(sched_ptr + u)
+        bc2_sqrt = tl.load(sched_ptr + sched_len + u)
+        p_u, m_u, v_u = _adam_element(p, m, v, 0.0, neg_step_size, bc2_sqrt, eps, weight_decay, beta2,
+                                      one_minus_beta1, one_minus_beta2)
+        active = ((first <= u) & (u <= last))[:, None]
+        p = tl.where(active, p_u, p)
+        m = tl.where(active, m_u, m)
+        v = tl.where(active, v_u, v)
+    return p, m, v
+
+
+@triton.jit
+def _rowwise_adagrad_rows(rows, offs_r, mask_r, grads_ptr, p_ptr, sum_ptr, cols, lr, eps, weight_decay,
+                          BLOCK_D: tl.constexpr):
+    # The mean of g^2 is summed column by column, in the C++'s order, so that it rounds the same.
+    sq = tl.zeros(offs_r.shape, dtype=tl.float32)
+    for j in range(0, cols):
+        p = tl.load(p_ptr + rows * cols + j, mask=mask_r, other=0.0)
+        g = tl.load(grads_ptr + offs_r * cols + j, mask=mask_r, other=0.0)
+        gg = tl.fma(p, weight_decay, g)
+        sq = sq + _unfused_product(gg, gg)
+    total = tl.load(sum_ptr + rows, mask=mask_r, other=0.0)
+    total = total + tl.div_rn(sq, tl.full(offs_r.shape, cols, tl.float32))
+    tl.store(sum_ptr + rows, total, mask=mask_r)
+    rate = tl.div_rn(tl.full(offs_r.shape, lr, tl.float32), tl.sqrt_rn(total) + eps)[:, None]
+    for d0 in range(0, cols, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask = mask_r[:, None] & (offs_d < cols)[None, :]
+        p_off = rows[:, None] * cols + offs_d[None, :]
+        p = tl.load(p_ptr + p_off, mask=mask, other=0.0)
+        g = tl.load(grads_ptr + offs_r[:, None] * cols + offs_d[None, :], mask=mask, other=0.0)
+        p = p - _unfused_product(rate, tl.fma(p, weight_decay, g))
+        tl.store(p_ptr + p_off, p, mask=mask)
+
+
+@triton.jit
+def _apply_rows_kernel(
+    rows_ptr, grads_ptr, p_ptr, s1_ptr, s2_ptr, last_ptr, sched_ptr,
+    n_rows, cols, sched_len, step, lr, eps, weight_decay, beta2, one_minus_beta1, one_minus_beta2,
+    KIND: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # Row rows[i] takes step `step` with gradient grads[i]; rows are distinct, so no two
+    # programs touch one row.
+    offs_r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    mask_r = offs_r < n_rows
+    rows = tl.load(rows_ptr + offs_r, mask=mask_r, other=0)
+    if KIND == _ROWWISE_ADAGRAD:
+        _rowwise_adagrad_rows(rows, offs_r, mask_r, grads_ptr, p_ptr, s1_ptr, cols, lr, eps, weight_decay,
+                              BLOCK_D)
+    else:
+        if KIND == _ADAM:
+            # Steps last_step + 1 .. step - 1 were skipped (padding rows replay none).
+            first = tl.where(mask_r, tl.load(last_ptr + rows, mask=mask_r, other=0) + 1, step)
+            last = tl.zeros_like(first) + (step - 1)
+            neg_step_size = -tl.load(sched_ptr + step)
+            bc2_sqrt = tl.load(sched_ptr + sched_len + step)
+        for d0 in range(0, cols, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            mask = mask_r[:, None] & (offs_d < cols)[None, :]
+            p_off = rows[:, None] * cols + offs_d[None, :]
+            p = tl.load(p_ptr + p_off, mask=mask, other=0.0)
+            g = tl.load(grads_ptr + offs_r[:, None] * cols + offs_d[None, :], mask=mask, other=0.0)
+            if KIND == _SGD:
+                p = tl.fma(tl.fma(p, weight_decay, g), -lr, p)
+            elif KIND == _ADAGRAD:
+                total = tl.load(s1_ptr + p_off, mask=mask, other=0.0)
+                gg = tl.fma(p, weight_decay, g)
+                total = tl.fma(gg, gg, total)
+                p = p + tl.div_rn(-lr * gg, tl.sqrt_rn(total) + eps)
+                tl.store(s1_ptr + p_off, total, mask=mask)
+            else:
+                m = tl.load(s1_ptr + p_off, mask=mask, other=0.0)
+                v = tl.load(s2_ptr + p_off, mask=mask, other=0.0)
+                p, m, v = _adam_replay(p, m, v, sched_ptr, sched_len, first, last, eps, weight_decay, beta2,
+                                       one_minus_beta1, one_minus_beta2)
+                p, m, v = _adam_element(p, m, v, g, neg_step_size, bc2_sqrt, eps, weight_decay, beta2,
+                                        one_minus_beta1, one_minus_beta2)
+                tl.store(s1_ptr + p_off, m, mask=mask)
+                tl.store(s2_ptr + p_off, v, mask=mask)
+            tl.store(p_ptr + p_off, p, mask=mask)
+        if KIND == _ADAM:
+            tl.store(last_ptr + rows, tl.zeros_like(rows) + step, mask=mask_r)
+
+
+@triton.jit
+def _catch_up_kernel(
+    rows_ptr, p_ptr, m_ptr, v_ptr, last_ptr, sched_ptr,
+    n_rows, cols, sched_len, to_step, eps, weight_decay, beta2, one_minus_beta1, one_minus_beta2,
+    HAS_ROWS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # Rows rows[i] (distinct), or row i without rows, replay steps last_step + 1 .. to_step.
+    offs_r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    mask_r = offs_r < n_rows
+    if HAS_ROWS:
+        rows = tl.load(rows_ptr + offs_r, mask=mask_r, other=0)
+    else:
+        rows = offs_r
+    last_step = tl.load(last_ptr + rows, mask=mask_r, other=0)
+    behind = mask_r & (last_step < to_step)
+    first = tl.where(behind, last_step + 1, to_step + 1)
+    last = tl.zeros_like(first) + to_step
+    for d0 in range(0, cols, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask = behind[:, None] & (offs_d < cols)[None, :]
+        off = rows[:, None] * cols + offs_d[None, :]
+        p = tl.load(p_ptr + off, mask=mask, other=0.0)
+        m = tl.load(m_ptr + off, mask=mask, other=0.0)
+        v = tl.load(v_ptr + off, mask=mask, other=0.0)
+        p, m, v = _adam_replay(p, m, v, sched_ptr, sched_len, first, last, eps, weight_decay, beta2,
+                               one_minus_beta1, one_minus_beta2)
+        tl.store(p_ptr + off, p, mask=mask)
+        tl.store(m_ptr + off, m, mask=mask)
+        tl.store(v_ptr + off, v, mask=mask)
+    tl.store(last_ptr + rows, last, mask=behind)
+
+
+@triton.jit
+def _dense_adam_kernel(
+    grad_index_ptr, grads_ptr, p_ptr, m_ptr, v_ptr, sched_ptr,
+    num_rows, cols, sched_len, step, eps, weight_decay, beta2, one_minus_beta1, one_minus_beta2,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # Every row takes step `step`: row r with gradient grads[grad_index[r]], or a zero loss
+    # gradient where grad_index[r] < 0.
+    offs_r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    mask_r = offs_r < num_rows
+    grad_index = tl.load(grad_index_ptr + offs_r, mask=mask_r, other=-1)
+    has_grad = (grad_index >= 0)[:, None]
+    neg_step_size = -tl.load(sched_ptr + step)
+    bc2_sqrt = tl.load(sched_ptr + sched_len + step)
+    for d0 in range(0, cols, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask = mask_r[:, None] & (offs_d < cols)[None, :]
+        off = offs_r[:, None] * cols + offs_d[None, :]
+        p = tl.load(p_ptr + off, mask=mask, other=0.0)
+        m = tl.load(m_ptr + off, mask=mask, other=0.0)
+        v = tl.load(v_ptr + off, mask=mask, other=0.0)
+        g = tl.load(grads_ptr + grad_index[:, None] * cols + offs_d[None, :], mask=mask & has_grad, other=0.0)
+        p, m, v = _adam_element(p, m, v, g, neg_step_size, bc2_sqrt, eps, weight_decay, beta2,
+                                one_minus_beta1, one_minus_beta2)
+        tl.store(p_ptr + off, p, mask=mask)
+        tl.store(m_ptr + off, m, mask=mask)
+        tl.store(v_ptr + off, v, mask=mask)
+
+
+def _tile(cols):
+    """(BLOCK_R, BLOCK_D): tiles of about 1K elements, whole rows up to 128 columns."""
+    block_d = min(max(triton.next_power_of_2(cols), 16), 128)
+    return max(1, 1024 // block_d), block_d
+
+
+def _fp32(x):
+    return torch.tensor(x, dtype=torch.float32).item()
+
+
+def _scalars(hparams):
+    """eps, weight_decay, beta2, 1 - beta1, 1 - beta2 as the C++ casts them to float (the
+    differences taken in double first)."""
+    _, eps, weight_decay, beta1, beta2 = hparams
+    return [_fp32(x) for x in (eps, weight_decay, beta2, 1 - beta1, 1 - beta2)]
+
+
+@triton_op("pep_kernels::triton_row_optimizer_step", mutates_args={"state"})
+def triton_row_optimizer_step(
+    state: list[torch.Tensor], rows: torch.Tensor, grads: torch.Tensor, schedule: torch.Tensor, kind: str,
+    hparams: list[float], step: int,
+) -> None:
+    """Applies step `step` to the sorted distinct `rows` (inputs checked by row_optimizer_step)."""
+    param, state1, state2, last_step = state
+    num_rows, cols = param.shape
+    n = rows.numel()
+    block_r, block_d = _tile(cols)
+    scalars = _scalars(hparams)
+    sched_len = schedule.shape[1] if schedule.dim() == 2 else 0
+    if kind == "adam_dense":
+        grad_index = torch.full((num_rows,), -1, dtype=torch.int64, device=param.device)
+        grad_index[rows] = torch.arange(n, device=param.device)
+        wrap_triton(_dense_adam_kernel)[(triton.cdiv(num_rows, block_r),)](
+            grad_index, grads, param, state1, state2, schedule,
+            num_rows, cols, sched_len, step, *scalars, BLOCK_R=block_r, BLOCK_D=block_d,
+        )
+    elif n:
+        wrap_triton(_apply_rows_kernel)[(triton.cdiv(n, block_r),)](
+            rows, grads, param, state1, state2, last_step, schedule,
+            n, cols, sched_len, step, _fp32(hparams[0]), *scalars,
+            KIND=_KINDS[kind], BLOCK_R=block_r, BLOCK_D=block_d,
+        )
+
+
+@triton_op("pep_kernels::triton_row_optimizer_catch_up", mutates_args={"state"})
+def triton_row_optimizer_catch_up(
+    state: list[torch.Tensor], rows: torch.Tensor | None, schedule: torch.Tensor, hparams: list[float],
+    to_step: int,
+) -> None:
+    """Adam: brings the distinct `rows` (all rows when None) up to step `to_step` (inputs checked
+    by row_optimizer_catch_up)."""
+    param, exp_avg, exp_avg_sq, last_step = state
+    num_rows, cols = param.shape
+    n = num_rows if rows is None else rows.numel()
+    if n:
+        block_r, block_d = _tile(cols)
+        wrap_triton(_catch_up_kernel)[(triton.cdiv(n, block_r),)](
+            rows, param, exp_avg, exp_avg_sq, last_step, schedule,
+            n, cols, schedule.shape[1], to_step, *_scalars(hparams),
+            HAS_ROWS=rows is not None, BLOCK_R=block_r, BLOCK_D=block_d,
+        )
+
+
+def _checked_param(state):
+    """state[0], if it is a float32 parameter the kernels can run on."""
+    if len(state) == 0:
+        raise ValueError("optimizer state must not be empty")
+    param = state[0]
+    if param.dtype != torch.float32:
+        raise TypeError(f"the Triton row optimizers take float32 parameters, got {param.dtype}")
+    if param.device.type != "cuda" and not isinstance(_apply_rows_kernel, InterpretedFunction):
+        raise ValueError(
+            "the Triton row optimizers need CUDA tensors (or TRITON_INTERPRET=1 set before importing "
+            "pep_kernels, to run their kernels slowly on the CPU for testing)"
+        )
+    return param
+
+
+def _check_rows(rows, param):
+    """Int64 ids on the parameter's device, each in [0, rows of param)."""
+    if rows.dtype != torch.int64:
+        raise TypeError(f"rows must be int64, got {rows.dtype}")
+    if rows.device != param.device:
+        raise ValueError(f"rows must be on the parameter's device {param.device}, got {rows.device}")
+    if rows.numel():
+        lo, hi = (int(x) for x in torch.aminmax(rows))
+        if lo < 0 or hi >= param.shape[0]:
+            raise IndexError(f"row {lo if lo < 0 else hi} is out of range for a parameter of {param.shape[0]} rows")
+
+
+def _check_state_tensor(t, param, shape, dtype, name):
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"optimizer state {name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    if t.dtype != dtype:
+        raise TypeError(f"optimizer state {name} must be {dtype}, got {t.dtype}")
+    if not t.is_contiguous() or t.device != param.device:
+        raise ValueError(f"optimizer state {name} must be contiguous and on the parameter's device")
+
+
+def _check_state(state, schedule, kind, hparams, step):
+    """The checks of optim_args in csrc/optim_cpu.cpp: the state tensors `kind` uses, hparams,
+    step and, for Adam, a schedule covering `step`."""
+    if len(state) != 4:
+        raise ValueError(f"optimizer state must be [param, state1, state2, last_step], got {len(state)} tensors")
+    if len(hparams) != 5:
+        raise ValueError(f"hparams must be [lr, eps, weight_decay, beta1, beta2], got {len(hparams)} values")
+    if step < 1:
+        raise ValueError(f"the optimizer step counts from 1, got {step}")
+    param = state[0]
+    if param.dim() != 2 or not param.is_contiguous():
+        raise ValueError(f"a row optimizer needs a contiguous 2-D parameter, got shape {tuple(param.shape)}")
+    rows, cols = param.shape
+    if kind == "adagrad":
+        _check_state_tensor(state[1], param, (rows, cols), param.dtype, "sum")
+    elif kind == "rowwise_adagrad":
+        _check_state_tensor(state[1], param, (rows,), param.dtype, "sum")
+    elif kind in ("adam", "adam_dense"):
+        _check_state_tensor(state[1], param, (rows, cols), param.dtype, "exp_avg")
+        _check_state_tensor(state[2], param, (rows, cols), param.dtype, "exp_avg_sq")
+        if kind == "adam":
+            _check_state_tensor(state[3], param, (rows,), torch.int64, "last_step")
+        if not (schedule.dim() == 2 and schedule.shape[0] == 2 and schedule.shape[1] > step
+                and schedule.dtype == param.dtype and schedule.is_contiguous() and schedule.device == param.device):
+            raise ValueError(
+                f"Adam needs a contiguous {param.dtype} schedule of shape (2, > {step}) on the parameter's "
+                f"device, got {schedule.dtype} of shape {tuple(schedule.shape)} on {schedule.device}"
+            )
+
+
+def row_optimizer_step(state, rows, grads, schedule, kind, hparams, step):
+    """Applies step `step` to the sorted distinct `rows` of `state[0]` with their loss gradients
+    `grads` (rows, cols); kind `adam_dense` also updates every other row, with a zero loss
+    gradient. Checks its arguments as the C++ op `row_optimizer_step` does."""
+    if kind not in _KINDS:
+        raise ValueError(f"unknown row optimizer '{kind}'; expected sgd, adagrad, rowwise_adagrad, adam or adam_dense")
+    param = _checked_param(state)
+    _check_rows(rows, param)
+    n = rows.numel()
+    if rows.dim() != 1 or grads.dim() != 2 or tuple(grads.shape) != (n, param.shape[-1]):
+        raise ValueError(
+            f"grads must have shape ({n}, {param.shape[-1]}) for {n} rows, got {tuple(grads.shape)}")
+    # Two updates of one row would race, as in the C++ op.
+    if n > 1 and not bool((rows[1:] > rows[:-1]).all()):
+        raise ValueError("rows must be sorted and distinct (coalesce the gradient first)")
+    _check_state(state, schedule, kind, hparams, step)
+    grads = grads.to(device=param.device, dtype=param.dtype).contiguous()
+    torch.ops.pep_kernels.triton_row_optimizer_step(list(state), rows.contiguous(), grads, schedule, kind,
+                                                    [float(h) for h in hparams], step)
+
+
+def row_optimizer_catch_up(state, rows, schedule, hparams, to_step):
+    """Adam ("adam"): replays the skipped steps of `rows` (any ids, duplicates allowed; all rows
+    when None) up to `to_step`. Checks its arguments as the C++ op `row_optimizer_catch_up` does."""
+    param = _checked_param(state)
+    if to_step < 1:
+        return  # nothing has been applied yet
+    if rows is not None:
+        _check_rows(rows, param)
+        # Distinct ids: one program owns each row, so duplicates cannot replay a row twice.
+        rows = torch.unique(rows)
+    _check_state(state, schedule, "adam", hparams, to_step)
+    torch.ops.pep_kernels.triton_row_optimizer_catch_up(list(state), rows, schedule,
+                                                        [float(h) for h in hparams], to_step)

@@ -1,0 +1,233 @@
+"""Fused row-sparse optimizers (pep_kernels.optim) on the C++ backend, against eager oracles:
+torch.optim.Adam for Adam (the published recipe), reference.row_optimizer_step for SGD and
+Adagrad; `fast` Adam against `faithful` bitwise."""
+
+import pytest
+import torch
+
+from pep_kernels import PEPEmbedding, reference
+from pep_kernels.optim import SGD, Adagrad, Adam
+
+from helpers import MODES, PER_ROW_MODES
+
+FIELDS = 3
+
+
+def make_table(mode, rows, dim, optimizer=None, init=-4.0, seed=0):
+    torch.manual_seed(seed)
+    field_dims = [rows // FIELDS] * (FIELDS - 1) + [rows - (FIELDS - 1) * (rows // FIELDS)]
+    return PEPEmbedding(rows, dim, threshold_mode=mode, threshold_init=init, field_dims=field_dims,
+                        optimizer=optimizer, backend="cpu")
+
+
+def batches(rows, steps, batch=6, seed=1):
+    """Per-field local ids with many duplicates, and steps in which only a few rows appear (so
+    that fast Adam has skipped steps to replay)."""
+    gen = torch.Generator().manual_seed(seed)
+    per_field = rows // FIELDS
+    for step in range(steps):
+        high = per_field if step % 4 else max(1, per_field // 5)
+        yield torch.randint(0, high, (batch, FIELDS), generator=gen), torch.randn(batch, FIELDS, generator=gen)
+
+
+def loss_of(out, target):
+    # A BCE-like loss through a per-dim weighting, so every output entry gets its own gradient.
+    return torch.nn.functional.softplus(-(out.sum(-1) * target)).sum() + 0.1 * (out**2).sum()
+
+
+def train(table, steps, rows, shared_optimizer=None):
+    for ids, target in batches(rows, steps):
+        if shared_optimizer is not None:
+            shared_optimizer.zero_grad(set_to_none=True)
+        loss_of(table(ids), target).backward()
+        if shared_optimizer is not None:
+            shared_optimizer.step()
+    return table
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dim", [1, 3, 17, 33])
+def test_faithful_adam_matches_torch_adam_for_100_steps(mode, dim):
+    rows, lr, wd = 30, 1e-3, 1e-5
+    eager = make_table(mode, rows, dim)
+    torch_adam = torch.optim.Adam(eager.parameters(), lr=lr, weight_decay=wd)
+    fused = make_table(mode, rows, dim, Adam(lr=lr, weight_decay=wd, mode="faithful"))
+    shared = None if mode in PER_ROW_MODES else torch.optim.Adam([fused.threshold], lr=lr, weight_decay=wd)
+    field_dims = eager.field_dims.tolist()
+    for ids, target in batches(rows, 100):
+        torch_adam.zero_grad(set_to_none=True)
+        global_ids = ids + torch.tensor([0] + field_dims[:-1]).cumsum(0)
+        out = reference.soft_threshold_embedding(global_ids, eager.weight, eager.threshold, mode)
+        loss_of(out, target).backward()
+        torch_adam.step()
+        if shared is not None:
+            shared.zero_grad(set_to_none=True)
+        loss_of(fused(ids), target).backward()
+        if shared is not None:
+            shared.step()
+        assert fused.weight.grad is None
+    # Same element rule as torch's Adam; the soft-threshold gradients differ from the
+    # reference's by a few ulps (summation order), and Adam normalises them: a few ulps of the
+    # O(1e-1) values after 100 steps of lr 1e-3.
+    torch.testing.assert_close(fused.weight, eager.weight, rtol=1e-5, atol=2e-7)
+    torch.testing.assert_close(fused.threshold, eager.threshold, rtol=1e-5, atol=2e-7)
+    assert fused.nnz() == eager.nnz()
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dim", [1, 17, 24])
+def test_fast_adam_equals_faithful_bitwise(mode, dim):
+    rows, lr, wd = 45, 1e-2, 1e-2  # a large decay: skipped steps move the rows visibly
+    tables = {}
+    for adam_mode in ("faithful", "fast"):
+        table = make_table(mode, rows, dim, Adam(lr=lr, weight_decay=wd, mode=adam_mode))
+        shared = None if mode in PER_ROW_MODES else torch.optim.Adam([table.threshold], lr=lr, weight_decay=wd)
+        tables[adam_mode] = train(table, 60, rows, shared)
+    faithful, fast = tables["faithful"], tables["fast"]
+    stale = fast.weight.detach().clone()
+    fast.sync()
+    assert not torch.equal(stale, fast.weight), "no row was behind: the test would not see a missing replay"
+    assert torch.equal(fast.weight, faithful.weight)
+    assert torch.equal(fast.threshold, faithful.threshold)
+    assert torch.equal(fast.weight_exp_avg_sq, faithful.weight_exp_avg_sq)
+    assert fast.nnz() == faithful.nnz()
+
+
+def test_fast_adam_catches_rows_up_before_reading_them():
+    """A row looked up after many skipped steps is replayed before the forward reads it."""
+    rows, dim = 12, 5
+    fast = make_table("feature_dim", rows, dim, Adam(lr=1e-2, weight_decay=1e-1, mode="fast"))
+    faithful = make_table("feature_dim", rows, dim, Adam(lr=1e-2, weight_decay=1e-1, mode="faithful"))
+    for _ in range(30):
+        for table in (fast, faithful):
+            table(torch.zeros(2, FIELDS, dtype=torch.long)).sum().backward()
+    probe = torch.tensor([[3, 3, 3]])
+    assert torch.equal(fast(probe), faithful(probe))
+    assert int(fast.weight_last_step[3 + rows // FIELDS]) == 30  # the probe's rows are current now
+
+
+@pytest.mark.parametrize("rule", [SGD(lr=0.1, weight_decay=0.01), Adagrad(lr=0.1, weight_decay=0.01),
+                                  Adagrad(lr=0.1, eps=1e-6, weight_decay=0.01, rowwise=True)], ids=repr)
+@pytest.mark.parametrize("mode", ["feature_dim", "feature", "dimension", "field"])
+@pytest.mark.parametrize("dim", [1, 3, 33])
+def test_sgd_and_adagrad_update_only_looked_up_rows(rule, mode, dim):
+    rows = 30
+    fused = make_table(mode, rows, dim, rule)
+    eager = make_table(mode, rows, dim)
+    weight, threshold = eager.weight.detach().clone(), eager.threshold.detach().clone()
+    states = {name: {k: torch.zeros(shape) for k, shape in rule.state_shapes(p).items()}
+              for name, p in (("weight", weight), ("threshold", threshold))}
+    offsets = torch.tensor([0] + eager.field_dims.tolist()[:-1]).cumsum(0)
+    for ids, target in batches(rows, 8):
+        w, s = weight.clone().requires_grad_(True), threshold.clone().requires_grad_(True)
+        loss_of(reference.soft_threshold_embedding(ids + offsets, w, s, mode), target).backward()
+        touched = torch.unique(ids + offsets)
+        reference.row_optimizer_step(rule, weight, states["weight"], touched, w.grad[touched])
+        if mode in PER_ROW_MODES:
+            reference.row_optimizer_step(rule, threshold, states["threshold"], touched, s.grad[touched])
+        else:
+            threshold -= 0.1 * s.grad  # the shared threshold's own optimizer, mirrored below
+        fused.threshold.grad = None
+        loss_of(fused(ids), target).backward()
+        if mode not in PER_ROW_MODES:
+            with torch.no_grad():
+                fused.threshold -= 0.1 * fused.threshold.grad
+    torch.testing.assert_close(fused.weight.detach(), weight, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(fused.threshold.detach(), threshold, rtol=1e-6, atol=1e-6)
+
+
+def test_empty_batch_is_a_step_that_touches_no_row():
+    table = make_table("feature_dim", 9, 4, Adam(lr=1e-2, weight_decay=0.1, mode="fast"))
+    before = table.weight.detach().clone()
+    table(torch.zeros(0, FIELDS, dtype=torch.long)).sum().backward()
+    assert int(table.optimizer_step) == 1 and torch.equal(table.weight, before)
+    table.sync()  # the decay of that step reaches every row
+    assert not torch.equal(table.weight, before)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_nnz_kernel_matches_reference_count(mode):
+    table = make_table(mode, 31, 7, init=0.0)
+    with torch.no_grad():
+        table.weight.copy_(torch.randn(table.weight.shape))
+        table.threshold.add_(torch.randn(table.threshold.shape))
+    expected = int(torch.count_nonzero(table.pruned_weight()))
+    assert 0 < table.nnz() == expected < table.weight.numel()
+
+
+def test_state_dict_round_trip_syncs_and_restores_the_optimizer():
+    rows = 24
+    table = train(make_table("feature_dim", rows, 5, Adam(lr=1e-2, weight_decay=1e-2, mode="fast")), 10, rows)
+    state = table.state_dict()
+    assert {"weight_exp_avg", "weight_exp_avg_sq", "weight_last_step", "threshold_exp_avg", "optimizer_step"} <= set(state)
+    assert bool((state["weight_last_step"] == 10).all())  # saved tables are current
+    clone = make_table("feature_dim", rows, 5, Adam(lr=1e-2, weight_decay=1e-2, mode="fast"), seed=5)
+    clone.load_state_dict(state)
+    train(clone, 5, rows)
+    train(table, 5, rows)
+    table.sync(), clone.sync()
+    assert torch.equal(table.weight, clone.weight)
+
+
+def test_bad_optimizer_arguments():
+    with pytest.raises(TypeError, match="pep_kernels.optim rule"):
+        PEPEmbedding(10, 4, optimizer=torch.optim.Adam)
+    with pytest.raises(ValueError, match="reference"):
+        PEPEmbedding(10, 4, optimizer=SGD(lr=0.1), backend="reference")
+    with pytest.raises(ValueError, match="lr must be a finite number"):
+        Adam(lr=float("nan"))
+    with pytest.raises(ValueError, match="betas"):
+        Adam(betas=(0.9, 1.0))
+    with pytest.raises(ValueError, match="unknown Adam mode 'lazy'"):
+        Adam(mode="lazy")
+
+
+def test_bad_ids_raise_before_any_row_moves():
+    table = make_table("feature_dim", 9, 4, Adam(lr=1e-2, mode="fast"))
+    before = table.weight.detach().clone()
+    with pytest.raises(IndexError, match="5"):
+        table(torch.tensor([[0, 0, 5]]))
+    assert torch.equal(table.weight, before)
+
+
+def _state(param, rule):
+    tensors = [param] + [torch.zeros(s, dtype=torch.int64 if k == "last_step" else param.dtype)
+                         for k, s in rule.state_shapes(param).items()]
+    return tensors + [torch.empty(0)] * (4 - len(tensors))
+
+
+def test_op_errors_name_the_problem():
+    op = torch.ops.pep_kernels.row_optimizer_step
+    rule = Adam(mode="fast")
+    param = torch.zeros(6, 3)
+    sched = rule.schedule(4, torch.float32, "cpu")
+    grads = torch.ones(2, 3)
+    with pytest.raises(ValueError, match="sorted and distinct"):
+        op(_state(param, rule), torch.tensor([2, 2]), grads, sched, "adam", rule.hparams(), 1)
+    with pytest.raises(IndexError, match="row 6 is out of range"):
+        op(_state(param, rule), torch.tensor([1, 6]), grads, sched, "adam", rule.hparams(), 1)
+    with pytest.raises(ValueError, match="schedule"):
+        op(_state(param, rule), torch.tensor([1, 2]), grads, sched, "adam", rule.hparams(), 7)
+    with pytest.raises(ValueError, match="unknown row optimizer 'adamw'"):
+        op(_state(param, rule), torch.tensor([1, 2]), grads, sched, "adamw", rule.hparams(), 1)
+    with pytest.raises(ValueError, match="exp_avg_sq must have shape"):
+        bad = _state(param, rule)
+        bad[2] = torch.zeros(5, 3)
+        op(bad, torch.tensor([1, 2]), grads, sched, "adam", rule.hparams(), 1)
+    with pytest.raises(ValueError, match="grads must have shape"):
+        op(_state(param, rule), torch.tensor([1, 2]), torch.ones(3, 3), sched, "adam", rule.hparams(), 1)
+    with pytest.raises(TypeError, match="float32 or float64"):
+        op(_state(param.half(), rule), torch.tensor([1, 2]), grads, sched, "adam", rule.hparams(), 1)
+
+
+def test_opcheck_row_optimizer_ops():
+    rule = Adam(mode="fast")
+    param = torch.randn(6, 3)
+    sched = rule.schedule(4, torch.float32, "cpu")
+    torch.library.opcheck(torch.ops.pep_kernels.row_optimizer_step,
+                          (_state(param, rule), torch.tensor([1, 4]), torch.randn(2, 3), sched, "adam",
+                           rule.hparams(), 3))
+    torch.library.opcheck(torch.ops.pep_kernels.row_optimizer_catch_up,
+                          (_state(param, rule), torch.tensor([1, 1, 5]), sched, rule.hparams(), 4))
+    torch.library.opcheck(torch.ops.pep_kernels.cpu_count_nonzero,
+                          (param, torch.zeros(6, 3), "feature_dim", 1.0, torch.zeros(1, dtype=torch.int64)))
