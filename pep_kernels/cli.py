@@ -63,7 +63,8 @@ def cmd_search(args):
                    threshold_init=args.threshold_init)
     summary = search(spec, x, y, args.out, args.budgets, epochs=args.epochs, lr=args.lr,
                      weight_decay=args.weight_decay, batch_size=args.batch_size, seed=args.seed,
-                     device=args.device, backend=args.backend, log=log)
+                     device=args.device, backend=args.backend, training=args.training,
+                     count_every=args.count_every, log=log)
     for snap in summary["snapshots"]:
         print(f"step {snap['step']:>7}  non-zeros {snap['nnz']:>10}  sparsity {snap['sparsity']:.2%}  {snap['path']}")
     if summary["unreached"]:
@@ -128,7 +129,11 @@ def main(argv=None):
     p.add_argument("--embedding-dim", type=int, default=16)
     p.add_argument("--threshold-mode", default="feature_dim")
     p.add_argument("--threshold-init", type=float, default=-15.0)
-    p.add_argument("--backend", default="auto", choices=["auto", "triton", "cpu", "reference"])
+    p.add_argument("--backend", default="auto", choices=["auto", "triton", "cpu"])
+    p.add_argument("--training", default="faithful", choices=["faithful", "fast"],
+                   help="table updates: every row every step (the published recipe) or looked-up rows with "
+                        "skipped steps replayed (same numbers)")
+    p.add_argument("--count-every", type=int, default=1, help="count non-zeros every N steps")
     p.set_defaults(handler=cmd_search)
 
     p = commands.add_parser("retrain", help="lottery-ticket retrain of a run's snapshots")

@@ -12,11 +12,12 @@ DATA = ["--data", "synthetic=3000"]
 def test_search_retrain_evaluate(tmp_path, capsys):
     run = tmp_path / "run"
     main(["search", *DATA, "--out", str(run), "--budgets", "0.5", "0.7", "--epochs", "3", "--lr", "0.01",
-          "--threshold-init", "-3", "--embedding-dim", "8"])
+          "--threshold-init", "-3", "--embedding-dim", "8", "--training", "fast", "--count-every", "2"])
     out = capsys.readouterr().out
     assert "step       0" in out and "sparsity" in out
     assert (run / "search.json").exists() and (run / "initial.safetensors").exists()
     summary = json.loads((run / "search.json").read_text())
+    assert summary["training"] == "fast" and all(s["step"] % 2 == 0 for s in summary["snapshots"])
     reached = summary["snapshots"][1:]
     assert reached, "the small run should reach at least one budget"
 

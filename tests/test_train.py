@@ -74,6 +74,25 @@ def test_search_resumes_to_the_same_result(tmp_path, data):
         search(spec(), *data[0], tmp_path / "whole", [0.2], **dict(SEARCH, seed=5))
 
 
+def test_fast_search_matches_faithful_and_counts_less_often(tmp_path, data):
+    faithful = search(spec(), *data[0], tmp_path / "faithful", [0.2, 0.4], **SEARCH)
+    fast = search(spec(), *data[0], tmp_path / "fast", [0.2, 0.4], **dict(SEARCH, training="fast"))
+    assert fast["history"] == faithful["history"]  # the same numbers at every step
+    assert [s["step"] for s in fast["snapshots"]] == [s["step"] for s in faithful["snapshots"]]
+    a, _ = checkpoint.load(tmp_path / "faithful" / "checkpoint.safetensors")
+    b, _ = checkpoint.load(tmp_path / "fast" / "checkpoint.safetensors")
+    assert torch.equal(a["model.embedding.weight"], b["model.embedding.weight"])
+    sparse = search(spec(), *data[0], tmp_path / "every5", [0.2, 0.4], **dict(SEARCH, training="fast", count_every=5))
+    assert [h[0] for h in sparse["history"]][:3] == [5, 10, 15]
+    # a budget is seen at the first counted step at or after the step it is reached
+    for s, t in zip(sparse["snapshots"][1:], faithful["snapshots"][1:]):
+        assert 0 <= s["step"] - t["step"] < 5 and s["nnz"] <= s["budget"]
+    with pytest.raises(ValueError, match="unknown training mode 'lazy'"):
+        search(spec(), *data[0], tmp_path / "bad", [0.2], **dict(SEARCH, training="lazy"))
+    with pytest.raises(ValueError, match="belongs to another run"):
+        search(spec(), *data[0], tmp_path / "fast", [0.2, 0.4], **SEARCH)  # a fast run resumed as faithful
+
+
 def test_retrain_winning_ticket_and_control(tmp_path, data):
     summary = search(spec(), *data[0], tmp_path, [0.4], **SEARCH)
     snap = summary["snapshots"][-1]

@@ -5,6 +5,13 @@ drops to or below the largest remaining budget, save the pruned table under its 
 retire that budget (at most one per step). The step-0 table and the full initial state of every
 parameter are saved first; search stops when every budget is used or the epochs run out.
 
+The table trains with the fused row optimizer of `pep_kernels.optim`: Adam with coupled L2,
+`training="faithful"` (every row every step, the published recipe) or `"fast"` (looked-up rows
+only, skipped steps replayed exactly: the same numbers). The rest of the model (and shared
+thresholds) use torch's Adam with the same settings. Non-zeros are counted by a C++ pass over
+W and s (no table copy) every `count_every` steps; in `fast` mode a count first brings every row
+up to date, so counting less often lets the replay batch up.
+
 A run folder holds `initial.safetensors` (every parameter at step 0, and the run spec),
 `snapshot-step<step>.safetensors` (pruned tables), `checkpoint.safetensors` (model, optimizer,
 RNG and progress, rewritten atomically every `checkpoint_every` steps and at epoch ends) and
@@ -18,9 +25,12 @@ from pathlib import Path
 
 import torch
 
+from ..optim import Adam
 from . import checkpoint
 from .loop import epoch_order, make_optimizer, train_steps
 from .spec import RunSpec
+
+TRAINING_MODES = Adam.MODES
 
 
 def budget_counts(budgets, table_size):
@@ -47,24 +57,30 @@ def _snapshot(out_dir, step, embedding, budget):
 
 
 def search(spec, x, y, out_dir, budgets, *, epochs=10, lr=1e-3, weight_decay=1e-5, batch_size=1024,
-           clip_norm=100.0, seed=0, device="cpu", backend="auto", checkpoint_every=1000, log=print):
+           clip_norm=100.0, seed=0, device="cpu", backend="auto", training="faithful", count_every=1,
+           checkpoint_every=1000, log=print):
     """Runs (or resumes) a budgeted PEP search on (x, y); returns the summary also written to search.json."""
     if not isinstance(spec, RunSpec):
         raise TypeError(f"spec must be a RunSpec, got {type(spec).__name__}")
+    if training not in TRAINING_MODES:
+        raise ValueError(f"unknown training mode {training!r}; expected one of {TRAINING_MODES}")
+    if isinstance(count_every, bool) or not isinstance(count_every, int) or count_every < 1:
+        raise ValueError(f"count_every must be a positive int, got {count_every!r}")
     out_dir, device = Path(out_dir), torch.device(device)
     torch.manual_seed(seed)
-    model = spec.build(spec.pep_embedding(backend)).to(device)
+    table_optimizer = Adam(lr=lr, weight_decay=weight_decay, mode=training)
+    model = spec.build(spec.pep_embedding(backend, optimizer=table_optimizer)).to(device)
     embedding = model.embedding
     optimizer = make_optimizer(model, lr, weight_decay)
     remaining = budget_counts(budgets, spec.num_embeddings * spec.embedding_dim)
     state = {"step": 0, "epoch": 0, "batch": 0, "remaining": list(remaining), "snapshots": []}
-    history = []  # (step, nnz, mean threshold) after every step
+    history = []  # (step, nnz, mean threshold) after every counted step
 
     ckpt_path = out_dir / "checkpoint.safetensors"
     if ckpt_path.exists():
         tensors, meta = checkpoint.load(ckpt_path)
-        if meta["spec"] != spec.to_dict() or meta["seed"] != seed:
-            raise ValueError(f"{ckpt_path} belongs to another run (spec or seed differ); use a new folder")
+        if meta["spec"] != spec.to_dict() or meta["seed"] != seed or meta.get("training") != training:
+            raise ValueError(f"{ckpt_path} belongs to another run (spec, seed or training differ); use a new folder")
         model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
         checkpoint.load_optimizer(optimizer, tensors)
         torch.set_rng_state(tensors["rng"])
@@ -80,11 +96,13 @@ def search(spec, x, y, out_dir, budgets, *, epochs=10, lr=1e-3, weight_decay=1e-
         tensors.update(checkpoint.optimizer_tensors(optimizer))
         tensors["rng"] = torch.get_rng_state()
         tensors["history"] = torch.tensor(history, dtype=torch.float64).reshape(-1, 3)
-        checkpoint.save(ckpt_path, tensors, {"spec": spec.to_dict(), "seed": seed, "state": state})
+        checkpoint.save(ckpt_path, tensors, {"spec": spec.to_dict(), "seed": seed, "training": training, "state": state})
 
     def after_step(loss):
         state["step"] += 1
         state["batch"] += 1
+        if state["step"] % count_every:
+            return False
         nnz = embedding.nnz()
         history.append([state["step"], nnz, float(embedding.threshold.detach().float().mean())])
         if state["remaining"] and nnz <= state["remaining"][0]:
@@ -105,7 +123,7 @@ def search(spec, x, y, out_dir, budgets, *, epochs=10, lr=1e-3, weight_decay=1e-
             state["batch"] = 0
         save_checkpoint()
     summary = {
-        "spec": spec.to_dict(), "seed": seed, "steps": state["step"], "budgets": remaining,
+        "spec": spec.to_dict(), "seed": seed, "training": training, "steps": state["step"], "budgets": remaining,
         "unreached": state["remaining"], "snapshots": state["snapshots"],
         "final_nnz": embedding.nnz(), "table_size": spec.num_embeddings * spec.embedding_dim,
     }

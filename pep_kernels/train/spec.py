@@ -20,9 +20,10 @@ class RunSpec:
     def num_embeddings(self):
         return sum(self.field_dims)
 
-    def pep_embedding(self, backend="auto"):
+    def pep_embedding(self, backend="auto", optimizer=None):
         return PEPEmbedding(self.num_embeddings, self.embedding_dim, threshold_mode=self.threshold_mode,
-                            threshold_init=self.threshold_init, gk=self.gk, field_dims=self.field_dims, backend=backend)
+                            threshold_init=self.threshold_init, gk=self.gk, field_dims=self.field_dims, backend=backend,
+                            optimizer=optimizer)
 
     def build(self, embedding):
         return build_model(self.model, self.field_dims, embedding, **self.model_kwargs)
