@@ -119,6 +119,9 @@ class PEPEmbedding(_FieldTable):
             self._schedule = self.optimizer.schedule(capacity, self.weight.dtype, self.weight.device)
         return self._schedule
 
+    def _kernel_backend(self):
+        return resolve_backend(self.backend, self.weight.device)
+
     def _catch_up(self, rows):
         """Adam `fast`: replays the skipped steps of `rows` (None: every row)."""
         step = int(self.optimizer_step)
@@ -128,14 +131,14 @@ class PEPEmbedding(_FieldTable):
         with torch.no_grad():
             for name in self._optimized_parameters():
                 optim_ops.row_optimizer_catch_up(
-                    self._optimizer_state(name), rows, schedule, self.optimizer.hparams(), step)
+                    self._optimizer_state(name), rows, schedule, self.optimizer.hparams(), step, self._kernel_backend())
 
     def sync(self):
         """Brings every row up to date (a no-op unless the optimizer is `fast` Adam)."""
         if self.optimizer is not None:
             self._catch_up(None)
 
-    def backward_step(self, grad_out, ids):
+    def backward_step(self, grad_out, ids, backend):
         """Called by the fused lookup's backward: one optimizer step on the looked-up rows."""
         step = int(self.optimizer_step) + 1
         weight_state = self._optimizer_state("weight")
@@ -143,7 +146,7 @@ class PEPEmbedding(_FieldTable):
                            else [self.threshold.detach()])
         grad_s = optim_ops.backward_step(
             grad_out, ids, weight_state, threshold_state, self._adam_schedule(step), self.threshold_mode,
-            self.gk, self.optimizer.kind, self.optimizer.hparams(), step)
+            self.gk, self.optimizer.kind, self.optimizer.hparams(), step, backend)
         self.optimizer_step.fill_(step)
         return grad_s
 
@@ -157,7 +160,7 @@ class PEPEmbedding(_FieldTable):
             )
         check_lookup(indices, self.weight, self.threshold, self.threshold_mode, self.gk)
         self._catch_up(indices.reshape(-1).long())
-        return optim_ops.FusedStepFunction.apply(indices, self.weight, self.threshold, self)
+        return optim_ops.FusedStepFunction.apply(indices, self.weight, self.threshold, self, self._kernel_backend())
 
     @torch.no_grad()
     def pruned_weight(self):

@@ -231,3 +231,32 @@ def test_opcheck_row_optimizer_ops():
                           (_state(param, rule), torch.tensor([1, 1, 5]), sched, rule.hparams(), 4))
     torch.library.opcheck(torch.ops.pep_kernels.cpu_count_nonzero,
                           (param, torch.zeros(6, 3), "feature_dim", 1.0, torch.zeros(1, dtype=torch.int64)))
+
+
+@pytest.mark.parametrize("rule", [Adam(lr=1e-2, weight_decay=1e-2, mode="fast"),
+                                  Adam(lr=1e-2, weight_decay=1e-2, mode="faithful"),
+                                  Adagrad(lr=0.1, rowwise=True)], ids=repr)
+@pytest.mark.parametrize("mode", ["feature_dim", "field"])
+def test_triton_tables_train_like_cpu_tables(rule, mode):
+    """The Triton path (backward, then the optimizer kernel) against the fused C++ kernel; in
+    Triton's interpreter on CPU, on a GPU on GPU machines."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rows, dim = 21, 3
+    tables = {}
+    for backend in ("cpu", "triton"):
+        table = make_table(mode, rows, dim, rule)
+        table.backend = backend
+        table.to(device if backend == "triton" else "cpu")
+        shared = None if mode in PER_ROW_MODES else torch.optim.SGD([table.threshold], lr=0.1)
+        for ids, target in batches(rows, 5):
+            ids, target = ids.to(table.weight.device), target.to(table.weight.device)
+            if shared is not None:
+                shared.zero_grad(set_to_none=True)
+            loss_of(table(ids), target).backward()
+            if shared is not None:
+                shared.step()
+        table.sync()
+        tables[backend] = table
+    # The lookups' gradients differ in summation order (atomics), hence a few ulps.
+    torch.testing.assert_close(tables["triton"].weight.cpu(), tables["cpu"].weight, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(tables["triton"].threshold.cpu(), tables["cpu"].threshold, rtol=1e-5, atol=1e-6)

@@ -37,35 +37,39 @@ def _triton():
     return optim_triton
 
 
-def row_optimizer_step(state, rows, grads, schedule, kind, hparams, step):
+def row_optimizer_step(state, rows, grads, schedule, kind, hparams, step, backend):
     """Applies step `step` to the sorted distinct `rows` of `state[0]` with gradients `grads`
-    (kind `adam_dense` also updates every other row, with a zero loss gradient)."""
-    if state[0].is_cuda:
+    (kind `adam_dense` also updates every other row, with a zero loss gradient); backend
+    "triton" or "cpu"."""
+    if backend == "triton":
         _triton().row_optimizer_step(state, rows, grads, schedule, kind, hparams, step)
     else:
         torch.ops.pep_kernels.row_optimizer_step(state, rows, grads, schedule, kind, hparams, step)
 
 
-def row_optimizer_catch_up(state, rows, schedule, hparams, to_step):
+def row_optimizer_catch_up(state, rows, schedule, hparams, to_step, backend):
     """Adam `fast`: replays the skipped steps of `rows` (any ids; all rows when None) up to `to_step`."""
-    if state[0].is_cuda:
+    if backend == "triton":
         _triton().row_optimizer_catch_up(state, rows, schedule, hparams, to_step)
     else:
         torch.ops.pep_kernels.row_optimizer_catch_up(state, rows, schedule, hparams, to_step)
 
 
-def backward_step(grad_out, ids, weight_state, threshold_state, schedule, mode, gk, kind, hparams, step):
+def backward_step(grad_out, ids, weight_state, threshold_state, schedule, mode, gk, kind, hparams, step, backend):
     """The lookup's backward with the optimizer step applied to the looked-up rows; returns the
-    gradient of a shared threshold, or None for per-row thresholds (updated here)."""
+    gradient of a shared threshold, or None for per-row thresholds (updated here).
+
+    On CPU one kernel does both for the row-sparse rules; Triton and `adam_dense` take the
+    coalesced row gradients of the backward, then the optimizer kernel."""
     per_row = mode_layout(mode)[0] == PER_ROW
-    if kind == "adam_dense" or weight_state[0].is_cuda:
+    if kind == "adam_dense" or backend == "triton":
         weight, threshold = weight_state[0], threshold_state[0]
-        backward = _cpu_ops()[1] if not weight.is_cuda else _triton_ops()[1]
+        backward = _triton_ops()[1] if backend == "triton" else _cpu_ops()[1]
         grad_w, grad_s, rows = backward(grad_out, ids, weight, threshold, mode, gk, True, deterministic=False)
-        row_optimizer_step(weight_state, rows, grad_w, schedule, kind, hparams, step)
+        row_optimizer_step(weight_state, rows, grad_w, schedule, kind, hparams, step, backend)
         if not per_row:
             return grad_s
-        row_optimizer_step(threshold_state, rows, grad_s, schedule, kind, hparams, step)
+        row_optimizer_step(threshold_state, rows, grad_s, schedule, kind, hparams, step, backend)
         return None
     grad_s = torch.ops.pep_kernels.cpu_backward_step(
         grad_out, ids, weight_state, threshold_state, schedule, mode, gk, kind, hparams, step)
@@ -77,18 +81,18 @@ class FusedStepFunction(torch.autograd.Function):
     returning gradients for W and per-row thresholds."""
 
     @staticmethod
-    def forward(ctx, indices, weight, threshold, table):
-        if weight.is_cuda:
+    def forward(ctx, indices, weight, threshold, table, backend):
+        if backend == "triton":
             ids = checked_ids(indices, weight.shape[0])
             forward = _triton_ops()[0]
         else:
             ids = indices.reshape(-1)
             forward = _cpu_ops()[0]
         out = forward(ids, weight, threshold, table.threshold_mode, table.gk)
-        ctx.ids, ctx.table = ids, table
+        ctx.ids, ctx.table, ctx.backend = ids, table, backend
         return out.view(indices.shape + (weight.shape[1],))
 
     @staticmethod
     def backward(ctx, grad_out):
-        grad_s = ctx.table.backward_step(grad_out.reshape(-1, ctx.table.embedding_dim), ctx.ids)
-        return None, None, grad_s, None
+        grad_s = ctx.table.backward_step(grad_out.reshape(-1, ctx.table.embedding_dim), ctx.ids, ctx.backend)
+        return None, None, grad_s, None, None
