@@ -1,10 +1,15 @@
-"""GPU timings of the soft-threshold lookup (run by benchmarks/gpu_check.sh).
+"""GPU timings of the soft-threshold lookup and of a training step (run by benchmarks/gpu_check.sh).
 
 Triton against the eager reference, torch.compile of the reference and the floor (index_select
 of the W and threshold rows), with triton.testing.do_bench (L2 flushed between runs, median of
 the timed runs). Effective bandwidth counts the bytes the op must move: ids, the gathered rows of
 W and of the thresholds, the output; forward+backward adds the upstream gradient, a second read
 of the rows, the read-modify-write of the gradient rows and the zero fill of the dense gradients.
+
+A training step (forward, backward, optimizer) of the table alone: PEPEmbedding with the fused
+Adam (`fast` and `faithful`) against the eager reference with torch's Adam on dense gradients
+(the published recipe) and torch.compile of its forward and loss; each call takes the next of
+16 id batches, so that `fast` pays its replays as in training.
 
     python benchmarks/bench_gpu.py [--out results.md] [--shapes wide criteo] [--smoke]
 """
@@ -18,7 +23,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from shapes import SHAPES, Shape, make_inputs  # noqa: E402
 
-from pep_kernels import reference, soft_threshold_embedding  # noqa: E402
+from pep_kernels import PEPEmbedding, reference, soft_threshold_embedding  # noqa: E402
+from pep_kernels.optim import Adam  # noqa: E402
 
 PEAK_BYTES_PER_S = 4.8e12  # H200 HBM3e
 
@@ -92,6 +98,44 @@ def run_case(shape, mode, dtype, training, device, backend, time_ms):
     return results
 
 
+def train_step_case(shape, device, backend, time_ms):
+    """ms per training step of the table: pep fast, pep faithful, eager, compiled eager."""
+    _, weight, threshold, gk = make_inputs(shape, "feature_dim", device=device)
+    gen = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, shape.rows, (shape.batch, shape.fields), generator=gen).to(device) for _ in range(16)]
+    target = torch.randn(shape.batch, shape.fields, shape.dim, device=device)
+    cursor = [0]
+
+    def next_ids():
+        cursor[0] = (cursor[0] + 1) % len(batches)
+        return batches[cursor[0]]
+
+    def pep_step(mode):
+        table = PEPEmbedding(shape.rows, shape.dim, backend=backend, optimizer=Adam(weight_decay=1e-5, mode=mode))
+        table.to(device)
+        with torch.no_grad():
+            table.weight.copy_(weight)
+            table.threshold.copy_(threshold)
+        return lambda: (table(next_ids()) * target).sum().backward()
+
+    def eager_step(compiled):
+        w = weight.clone().requires_grad_(True)
+        s = threshold.clone().requires_grad_(True)
+        adam = torch.optim.Adam([w, s], lr=1e-3, weight_decay=1e-5)
+        loss = lambda ids: (reference.soft_threshold_embedding(ids, w, s, "feature_dim", gk) * target).sum()  # noqa: E731
+        loss = torch.compile(loss) if compiled else loss
+
+        def step():
+            adam.zero_grad(set_to_none=True)
+            loss(next_ids()).backward()
+            adam.step()
+        return step
+
+    steps = {"pep fast": pep_step("fast"), "pep faithful": pep_step("faithful"), "eager": eager_step(False),
+             "compiled eager": eager_step(True)}
+    return {name: time_ms(step) for name, step in steps.items()}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, help="also write the markdown table here")
@@ -125,6 +169,15 @@ def main(argv=None):
                 f"{ratio('compiled reference')} | {ratio('floor')} |"
             )
             print(lines[-1], flush=True)
+    lines += ["", "Training step of the table (forward, backward, Adam with coupled L2 1e-5), feature_dim:", "",
+              "| shape | pep fast ms | pep faithful ms (x) | eager ms (x) | compiled eager ms (x) |", "|---|---|---|---|---|"]
+    for name in args.shapes:
+        shape = SHAPES[name] if not args.smoke else Shape(name, 1000, SHAPES[name].dim, 16, 4)
+        r = train_step_case(shape, device, backend, time_ms)
+        ratio = lambda key: f"{r[key]:.3f} ({r[key] / r['pep fast']:.2f}x)"  # noqa: E731
+        lines.append(f"| {name} | {r['pep fast']:.3f} | {ratio('pep faithful')} | {ratio('eager')} | "
+                     f"{ratio('compiled eager')} |")
+        print(lines[-1], flush=True)
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:

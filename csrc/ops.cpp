@@ -4,6 +4,7 @@
 
 #include "optim.h"
 #include "soft_threshold.h"
+#include "store.h"
 
 TORCH_LIBRARY(pep_kernels, m) {
   m.def("cpu_forward(Tensor ids, Tensor weight, Tensor threshold, str mode, float gk) -> Tensor");
@@ -16,6 +17,11 @@ TORCH_LIBRARY(pep_kernels, m) {
         "float[] hparams, int step) -> ()");
   m.def("row_optimizer_catch_up(Tensor(a!)[] state, Tensor? rows, Tensor schedule, float[] hparams, "
         "int to_step) -> ()");
+  m.def("store_encode(Tensor weight, str encoding, str values, bool wide_offsets) -> (Tensor, Tensor)");
+  m.def("store_row_dims(Tensor offsets, Tensor payload, int dim, str encoding, str values) -> Tensor");
+  m.def("store_lookup(Tensor offsets, Tensor payload, Tensor ids, int dim, str encoding, str values) -> Tensor");
+  m.def("store_lookup_bag(Tensor offsets, Tensor payload, Tensor ids, Tensor bag_offsets, "
+        "Tensor? per_sample_weights, int dim, str encoding, str values, str mode) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(pep_kernels, CPU, m) {
@@ -25,4 +31,15 @@ TORCH_LIBRARY_IMPL(pep_kernels, CPU, m) {
   m.impl("cpu_count_nonzero", &pep_kernels::cpu_count_nonzero);
   m.impl("row_optimizer_step", &pep_kernels::row_optimizer_step);
   m.impl("row_optimizer_catch_up", &pep_kernels::row_optimizer_catch_up);
+  m.impl("store_encode", &pep_kernels::store_encode);
+  m.impl("store_row_dims", &pep_kernels::store_row_dims);
+  m.impl("store_lookup", &pep_kernels::store_lookup);
+  m.impl("store_lookup_bag", &pep_kernels::store_lookup_bag);
 }
+
+#if defined(PEP_KERNELS_WITH_CUDA)
+TORCH_LIBRARY_IMPL(pep_kernels, CUDA, m) {
+  m.impl("store_lookup", &pep_kernels::store_lookup_cuda);
+  m.impl("store_lookup_bag", &pep_kernels::store_lookup_bag_cuda);
+}
+#endif

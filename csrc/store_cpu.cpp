@@ -1,0 +1,382 @@
+#include "store.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <type_traits>
+
+namespace pep_kernels {
+
+using store::Encoding;
+using store::Format;
+using store::Row;
+using store::RowError;
+using store::Values;
+
+store::Format parse_format(int64_t dim, std::string_view encoding, std::string_view values) {
+  TORCH_CHECK_VALUE(dim >= 1 && dim <= store::kMaxDim, "a store's dim must be in 1..", store::kMaxDim, ", got ",
+                    dim);
+  Format f{Encoding::Columns, Values::F32, dim};
+  if (encoding == "bitmask") {
+    f.encoding = Encoding::Bitmask;
+  } else {
+    TORCH_CHECK_VALUE(encoding == "columns", "unknown store encoding '", encoding, "'; expected columns or bitmask");
+  }
+  if (values == "fp16") {
+    f.values = Values::F16;
+  } else if (values == "bf16") {
+    f.values = Values::BF16;
+  } else if (values == "int8") {
+    f.values = Values::I8;
+  } else {
+    TORCH_CHECK_VALUE(values == "fp32", "unknown store values '", values, "'; expected fp32, fp16, bf16 or int8");
+  }
+  return f;
+}
+
+bool parse_bag_mean(std::string_view mode) {
+  TORCH_CHECK_VALUE(mode == "sum" || mode == "mean", "unknown bag mode '", mode, "'; expected sum or mean");
+  return mode == "mean";
+}
+
+namespace {
+
+const char* describe(RowError error) {
+  switch (error) {
+    case RowError::Range: return "its offsets are out of order or past the end of the payload";
+    case RowError::Length: return "its byte count does not fit the format";
+    case RowError::Mask: return "its mask has bits set past the table's dim";
+    case RowError::Column: return "its column ids are not increasing or not below the table's dim";
+    case RowError::Scale: return "its int8 scale is negative or not finite";
+    case RowError::None: break;
+  }
+  return "no error";
+}
+
+[[noreturn]] void throw_row_error(int64_t row, RowError error) {
+  TORCH_CHECK_VALUE(false, "store row ", row, " is corrupt: ", describe(error));
+}
+
+// The store's tensors, checked as tensors (not their contents), made contiguous.
+struct StoreTensors {
+  at::Tensor offsets, payload;
+  int64_t num_rows;
+};
+
+StoreTensors store_tensors(const at::Tensor& offsets, const at::Tensor& payload) {
+  TORCH_CHECK_TYPE(offsets.scalar_type() == at::kInt || offsets.scalar_type() == at::kLong,
+                   "store offsets must be int32 or int64, got ", offsets.scalar_type());
+  TORCH_CHECK_TYPE(payload.scalar_type() == at::kByte, "a store payload must be uint8, got ", payload.scalar_type());
+  TORCH_CHECK_VALUE(offsets.dim() == 1 && offsets.numel() >= 2,
+                    "store offsets must be 1-D with N + 1 >= 2 entries, got shape ", offsets.sizes());
+  TORCH_CHECK_VALUE(payload.dim() == 1, "a store payload must be 1-D, got shape ", payload.sizes());
+  TORCH_CHECK_VALUE(offsets.device().is_cpu() && payload.device().is_cpu(), "the CPU store ops need CPU tensors");
+  return {offsets.contiguous(), payload.contiguous(), offsets.numel() - 1};
+}
+
+at::Tensor checked_ids(const at::Tensor& ids, int64_t num_rows) {
+  TORCH_CHECK_TYPE(ids.scalar_type() == at::kInt || ids.scalar_type() == at::kLong,
+                   "ids must be int32 or int64, got ", ids.scalar_type());
+  TORCH_CHECK_VALUE(ids.dim() == 1, "ids must be 1-D, got shape ", ids.sizes());
+  TORCH_CHECK_VALUE(ids.device().is_cpu(), "the CPU store ops need CPU ids");
+  at::Tensor flat = ids.contiguous();
+  AT_DISPATCH_INDEX_TYPES(flat.scalar_type(), "store_check_ids", [&] {
+    const index_t* id = flat.data_ptr<index_t>();
+    for (int64_t k = 0; k < flat.numel(); ++k) {
+      TORCH_CHECK_INDEX(id[k] >= 0 && id[k] < num_rows, "index ", static_cast<int64_t>(id[k]),
+                        " is out of range for a store of ", num_rows, " rows (valid ids are 0..", num_rows - 1, ")");
+    }
+  });
+  return flat;
+}
+
+template <typename F>
+void dispatch_offsets(const at::Tensor& offsets, F&& body) {
+  if (offsets.scalar_type() == at::kInt) {
+    body(offsets.data_ptr<int32_t>());
+  } else {
+    body(offsets.data_ptr<int64_t>());
+  }
+}
+
+template <typename F>
+void dispatch_values(Values values, F&& body) {
+  switch (values) {
+    case Values::F32: return body(std::integral_constant<Values, Values::F32>{});
+    case Values::F16: return body(std::integral_constant<Values, Values::F16>{});
+    case Values::BF16: return body(std::integral_constant<Values, Values::BF16>{});
+    case Values::I8: return body(std::integral_constant<Values, Values::I8>{});
+  }
+}
+
+// Calls emit(column, value) for each stored entry of a parsed row, in storage order. A Columns
+// row's ids are checked against dim here, before they address anything; parse_row has already
+// ruled out mask bits past dim.
+template <Values V, typename Emit>
+void for_each_entry(const Row& row, const Format& f, int64_t row_id, Emit&& emit) {
+  if (f.encoding == Encoding::Columns) {
+    for (int64_t k = 0; k < row.count; ++k) {
+      const int64_t column = store::column_at(row, k, f.dim);
+      if (column >= f.dim) throw_row_error(row_id, RowError::Column);
+      emit(column, store::load_value<V>(row.values, k, row.scale));
+    }
+    return;
+  }
+  int64_t k = 0;
+  for (int64_t b = 0; b < store::mask_bytes(f.dim); ++b) {
+    for (uint32_t bits = row.index[b]; bits != 0; bits &= bits - 1) {
+      emit(8 * b + store::lowest_bit(bits), store::load_value<V>(row.values, k++, row.scale));
+    }
+  }
+}
+
+template <typename offset_t>
+Row parsed_row(const offset_t* offsets, int64_t row_id, const uint8_t* payload, int64_t payload_bytes,
+               const Format& f) {
+  Row row{};
+  const RowError error = store::parse_row(offsets, row_id, payload, payload_bytes, f, &row);
+  if (error != RowError::None) throw_row_error(row_id, error);
+  return row;
+}
+
+// About 32K output elements per task, so that small batches stay on one thread.
+int64_t grain(int64_t elements_per_item) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(elements_per_item, 1)); }
+
+void store_le(uint8_t* p, uint32_t value, int bytes) {
+  for (int b = 0; b < bytes; ++b) p[b] = static_cast<uint8_t>(value >> (8 * b));
+}
+
+uint32_t float_bits(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  return bits;
+}
+
+// Writes the kept entries of one dense row (those != 0) in the store's row format.
+template <Values V>
+void encode_row(const float* w, const Format& f, int64_t row_id, uint8_t* p) {
+  double max_abs = 0.0;
+  if constexpr (V == Values::I8) {
+    for (int64_t j = 0; j < f.dim; ++j) {
+      TORCH_CHECK_VALUE(std::isfinite(w[j]), "row ", row_id, " holds ", w[j], ": int8 values need a finite table");
+      max_abs = std::max(max_abs, std::abs(static_cast<double>(w[j])));
+    }
+    store_le(p, float_bits(static_cast<float>(max_abs / 127.0)), 4);
+    p += 4;
+  }
+  int64_t count = 0;
+  if (f.encoding == Encoding::Bitmask) {
+    std::fill(p, p + store::mask_bytes(f.dim), uint8_t{0});
+    for (int64_t j = 0; j < f.dim; ++j) {
+      if (w[j] != 0) {
+        p[j / 8] = static_cast<uint8_t>(p[j / 8] | (1u << (j % 8)));
+        ++count;
+      }
+    }
+    p += store::mask_bytes(f.dim);
+  } else {
+    const int width = static_cast<int>(store::column_bytes(f.dim));
+    for (int64_t j = 0; j < f.dim; ++j) {
+      if (w[j] != 0) store_le(p + width * count++, static_cast<uint32_t>(j), width);
+    }
+    p += width * count;
+  }
+  for (int64_t j = 0; j < f.dim; ++j) {
+    if (w[j] == 0) continue;
+    if constexpr (V == Values::F32) {
+      store_le(p, float_bits(w[j]), 4);
+    } else if constexpr (V == Values::F16) {
+      store_le(p, c10::Half(w[j]).x, 2);
+    } else if constexpr (V == Values::BF16) {
+      store_le(p, c10::BFloat16(w[j]).x, 2);
+    } else {
+      const double q = std::nearbyint(static_cast<double>(w[j]) / max_abs * 127.0);
+      *p = static_cast<uint8_t>(static_cast<int8_t>(std::clamp(q, -127.0, 127.0)));
+    }
+    p += store::value_bytes(V);
+  }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> store_encode(const at::Tensor& weight_in, std::string_view encoding,
+                                                std::string_view values, bool wide_offsets) {
+  TORCH_CHECK_TYPE(weight_in.scalar_type() == at::kFloat, "a store is built from a float32 table, got ",
+                   weight_in.scalar_type());
+  TORCH_CHECK_VALUE(weight_in.dim() == 2 && weight_in.size(0) >= 1, "the table must be 2-D with at least one row, got ",
+                    weight_in.sizes());
+  TORCH_CHECK_VALUE(weight_in.device().is_cpu(), "store_encode needs a CPU table");
+  const Format f = parse_format(weight_in.size(1), encoding, values);
+  const at::Tensor weight = weight_in.contiguous();
+  const float* w = weight.data_ptr<float>();
+  const int64_t num_rows = weight.size(0), dim = f.dim;
+
+  at::Tensor lengths = at::empty({num_rows + 1}, weight.options().dtype(at::kLong));
+  int64_t* length = lengths.data_ptr<int64_t>();
+  length[0] = 0;
+  at::parallel_for(0, num_rows, grain(dim), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* row = w + r * dim;
+      length[r + 1] = store::row_bytes(f, std::count_if(row, row + dim, [](float x) { return x != 0; }));
+    }
+  });
+  const at::Tensor offsets = at::cumsum(lengths, 0);
+  const int64_t* offset = offsets.data_ptr<int64_t>();
+  const int64_t total = offset[num_rows];
+  TORCH_CHECK_VALUE(wide_offsets || total <= std::numeric_limits<int32_t>::max(), "the store needs ", total,
+                    " payload bytes: too many for int32 offsets");
+  at::Tensor payload = at::empty({total}, weight.options().dtype(at::kByte));
+  uint8_t* p = payload.data_ptr<uint8_t>();
+  dispatch_values(f.values, [&](auto v) {
+    constexpr Values V = decltype(v)::value;
+    at::parallel_for(0, num_rows, grain(dim), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        if (offset[r + 1] > offset[r]) encode_row<V>(w + r * dim, f, r, p + offset[r]);
+      }
+    });
+  });
+  return {wide_offsets ? offsets : offsets.to(at::kInt), payload};
+}
+
+at::Tensor store_row_dims(const at::Tensor& offsets_in, const at::Tensor& payload_in, int64_t dim,
+                          std::string_view encoding, std::string_view values) {
+  const Format f = parse_format(dim, encoding, values);
+  const StoreTensors s = store_tensors(offsets_in, payload_in);
+  const uint8_t* payload = s.payload.data_ptr<uint8_t>();
+  const int64_t payload_bytes = s.payload.numel();
+  at::Tensor dims = at::empty({s.num_rows}, s.offsets.options().dtype(at::kLong));
+  int64_t* count = dims.data_ptr<int64_t>();
+  dispatch_offsets(s.offsets, [&](const auto* offsets) {
+    // Rows tile the payload: they start at byte 0 and end at its last byte.
+    TORCH_CHECK_VALUE(offsets[0] == 0 && offsets[s.num_rows] == payload_bytes, "store offsets run from ",
+                      static_cast<int64_t>(offsets[0]), " to ", static_cast<int64_t>(offsets[s.num_rows]),
+                      "; they must run from 0 to the payload size ", payload_bytes);
+    at::parallel_for(0, s.num_rows, grain(4 * f.dim), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const Row row = parsed_row(offsets, r, payload, payload_bytes, f);
+        if (f.values == Values::I8 && row.count > 0 && !(std::isfinite(row.scale) && row.scale >= 0)) {
+          throw_row_error(r, RowError::Scale);
+        }
+        if (f.encoding == Encoding::Columns) {
+          int64_t previous = -1;
+          for (int64_t k = 0; k < row.count; ++k) {
+            const int64_t column = store::column_at(row, k, f.dim);
+            if (column <= previous || column >= f.dim) throw_row_error(r, RowError::Column);
+            previous = column;
+          }
+        }
+        count[r] = row.count;
+      }
+    });
+  });
+  return dims;
+}
+
+at::Tensor store_lookup(const at::Tensor& offsets_in, const at::Tensor& payload_in, const at::Tensor& ids_in,
+                        int64_t dim, std::string_view encoding, std::string_view values) {
+  const Format f = parse_format(dim, encoding, values);
+  const StoreTensors s = store_tensors(offsets_in, payload_in);
+  const at::Tensor ids = checked_ids(ids_in, s.num_rows);
+  const int64_t n = ids.numel();
+  at::Tensor out = at::empty({n, dim}, s.payload.options().dtype(at::kFloat));
+  if (n == 0) return out;
+  const uint8_t* payload = s.payload.data_ptr<uint8_t>();
+  const int64_t payload_bytes = s.payload.numel();
+  float* o = out.data_ptr<float>();
+  AT_DISPATCH_INDEX_TYPES(ids.scalar_type(), "store_lookup", [&] {
+    const index_t* id = ids.data_ptr<index_t>();
+    dispatch_offsets(s.offsets, [&](const auto* offsets) {
+      dispatch_values(f.values, [&](auto v) {
+        constexpr Values V = decltype(v)::value;
+        at::parallel_for(0, n, grain(dim), [&](int64_t begin, int64_t end) {
+          for (int64_t i = begin; i < end; ++i) {
+            const int64_t r = id[i];
+            const Row row = parsed_row(offsets, r, payload, payload_bytes, f);
+            float* dst = o + i * dim;
+            std::fill(dst, dst + dim, 0.0f);
+            for_each_entry<V>(row, f, r, [dst](int64_t column, float x) { dst[column] = x; });
+          }
+        });
+      });
+    });
+  });
+  return out;
+}
+
+at::Tensor store_lookup_bag(const at::Tensor& offsets_in, const at::Tensor& payload_in, const at::Tensor& ids_in,
+                            const at::Tensor& bag_offsets_in, const std::optional<at::Tensor>& per_sample_weights,
+                            int64_t dim, std::string_view encoding, std::string_view values, std::string_view mode) {
+  const Format f = parse_format(dim, encoding, values);
+  const bool mean = parse_bag_mean(mode);
+  const StoreTensors s = store_tensors(offsets_in, payload_in);
+  const at::Tensor ids = checked_ids(ids_in, s.num_rows);
+  const int64_t n = ids.numel();
+  TORCH_CHECK_TYPE(bag_offsets_in.scalar_type() == at::kLong, "bag offsets must be int64, got ",
+                   bag_offsets_in.scalar_type());
+  TORCH_CHECK_VALUE(bag_offsets_in.dim() == 1 && bag_offsets_in.numel() >= 1 && bag_offsets_in.device().is_cpu(),
+                    "bag offsets must be a 1-D CPU tensor of B + 1 entries, got shape ", bag_offsets_in.sizes());
+  const at::Tensor bag_offsets = bag_offsets_in.contiguous();
+  const int64_t* bag = bag_offsets.data_ptr<int64_t>();
+  const int64_t num_bags = bag_offsets.numel() - 1;
+  TORCH_CHECK_VALUE(bag[0] == 0 && bag[num_bags] == n, "bag offsets must run from 0 to the number of ids ", n,
+                    ", got ", bag[0], " to ", bag[num_bags]);
+  for (int64_t b = 0; b < num_bags; ++b) {
+    TORCH_CHECK_VALUE(bag[b] <= bag[b + 1], "bag offsets must not decrease, got ", bag[b], " then ", bag[b + 1]);
+  }
+  at::Tensor weights;
+  if (per_sample_weights.has_value()) {
+    TORCH_CHECK_VALUE(!mean, "per_sample_weights need mode 'sum'");
+    TORCH_CHECK_TYPE(per_sample_weights->scalar_type() == at::kFloat, "per_sample_weights must be float32, got ",
+                     per_sample_weights->scalar_type());
+    TORCH_CHECK_VALUE(per_sample_weights->dim() == 1 && per_sample_weights->numel() == n &&
+                          per_sample_weights->device().is_cpu(),
+                      "per_sample_weights must be a 1-D CPU tensor of one weight per id (", n, "), got shape ",
+                      per_sample_weights->sizes());
+    weights = per_sample_weights->contiguous();
+  }
+  at::Tensor out = at::zeros({num_bags, dim}, s.payload.options().dtype(at::kFloat));
+  if (num_bags == 0 || n == 0) return out;
+  const uint8_t* payload = s.payload.data_ptr<uint8_t>();
+  const int64_t payload_bytes = s.payload.numel();
+  const float* weight = weights.defined() ? weights.data_ptr<float>() : nullptr;
+  float* o = out.data_ptr<float>();
+  AT_DISPATCH_INDEX_TYPES(ids.scalar_type(), "store_lookup_bag", [&] {
+    const index_t* id = ids.data_ptr<index_t>();
+    dispatch_offsets(s.offsets, [&](const auto* offsets) {
+      dispatch_values(f.values, [&](auto v) {
+        constexpr Values V = decltype(v)::value;
+        at::parallel_for(0, num_bags, grain(dim * std::max<int64_t>(1, n / num_bags)), [&](int64_t begin, int64_t end) {
+          for (int64_t b = begin; b < end; ++b) {
+            float* dst = o + b * dim;
+            for (int64_t k = bag[b]; k < bag[b + 1]; ++k) {
+              const int64_t r = id[k];
+              const Row row = parsed_row(offsets, r, payload, payload_bytes, f);
+              if (weight == nullptr) {
+                for_each_entry<V>(row, f, r, [dst](int64_t column, float x) { dst[column] += x; });
+              } else {
+                const float scale = weight[k];
+                for_each_entry<V>(row, f, r, [dst, scale](int64_t column, float x) { dst[column] += scale * x; });
+              }
+            }
+            const int64_t length = bag[b + 1] - bag[b];
+            if (mean && length > 0) {
+              // As torch's CPU embedding_bag: the sum times 1 / length.
+              const float inverse = 1.0f / static_cast<float>(length);
+              for (int64_t j = 0; j < dim; ++j) dst[j] *= inverse;
+            }
+          }
+        });
+      });
+    });
+  });
+  return out;
+}
+
+}  // namespace pep_kernels
