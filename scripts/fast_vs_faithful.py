@@ -73,7 +73,7 @@ def main(argv=None):
         identical &= a["history"] == b["history"]
         for budget in BUDGETS:
             if budget not in a["budgets"] or budget not in b["budgets"]:
-                lines.append(f"| {model_name} | {seed} | {budget:.0%} | not reached by both | | | | | | |")
+                lines.append(f"| {model_name} | {seed} | {budget:.0%} | not reached in both modes | | | | | | |")
                 continue
             x, y = a["budgets"][budget], b["budgets"][budget]
             gaps.append(y["auc"] - x["auc"])
