@@ -190,6 +190,13 @@ def test_bad_ids_raise_before_any_row_moves():
     assert torch.equal(table.weight, before)
 
 
+def test_two_lookups_in_one_step_are_refused():
+    table = make_table("feature_dim", 9, 4, Adam(lr=1e-2, mode="faithful"))
+    ids = torch.zeros(2, FIELDS, dtype=torch.long)
+    with pytest.raises(RuntimeError, match="look it up once per backward"):
+        (table(ids).sum() + table(ids).sum()).backward()
+
+
 def _state(param, rule):
     tensors = [param] + [torch.zeros(s, dtype=torch.int64 if k == "last_step" else param.dtype)
                          for k, s in rule.state_shapes(param).items()]

@@ -90,9 +90,15 @@ class FusedStepFunction(torch.autograd.Function):
             forward = _cpu_ops()[0]
         out = forward(ids, weight, threshold, table.threshold_mode, table.gk)
         ctx.ids, ctx.table, ctx.backend = ids, table, backend
+        ctx.step = int(table.optimizer_step)
         return out.view(indices.shape + (weight.shape[1],))
 
     @staticmethod
     def backward(ctx, grad_out):
+        # The backward reads the rows as they are now and applies the next step: another step
+        # since this lookup's forward would make both wrong.
+        if int(ctx.table.optimizer_step) != ctx.step:
+            raise RuntimeError("a table with a fused optimizer was stepped between this lookup's forward and "
+                               "backward: look it up once per backward (concatenate the ids of several lookups)")
         grad_s = ctx.table.backward_step(grad_out.reshape(-1, ctx.table.embedding_dim), ctx.ids, ctx.backend)
         return None, None, grad_s, None, None
