@@ -116,16 +116,33 @@ void dispatch_values(Values values, F&& body) {
   }
 }
 
-// Calls emit(column, value) for each stored entry of a parsed row, in storage order. A Columns
+template <Values V, typename index_t, typename Emit>
+void for_each_column_entry(const Row& row, int64_t dim, int64_t row_id, Emit&& emit) {
+  for (int64_t k = 0; k < row.count; ++k) {
+    index_t column;
+    std::memcpy(&column, row.index + k * sizeof(index_t), sizeof column);
+    if (column >= dim) throw_row_error(row_id, RowError::Column);
+    emit(static_cast<int64_t>(column), store::load_value<V>(row.values, k, row.scale));
+  }
+}
+
+// Calls emit(column, value) for each stored entry of a parsed row, in column order. A Columns
 // row's ids are checked against dim here, before they address anything; parse_row has already
 // ruled out mask bits past dim.
 template <Values V, typename Emit>
 void for_each_entry(const Row& row, const Format& f, int64_t row_id, Emit&& emit) {
+  if (row.count == 0) return;  // an empty row has no index to read
+  if (row.count == f.dim) {
+    // Every column kept (PEP's frequent rows): the values are the row in order, whatever the
+    // index says (in a validated store it says 0..d-1); a loop the compiler vectorises.
+    for (int64_t k = 0; k < f.dim; ++k) emit(k, store::load_value<V>(row.values, k, row.scale));
+    return;
+  }
   if (f.encoding == Encoding::Columns) {
-    for (int64_t k = 0; k < row.count; ++k) {
-      const int64_t column = store::column_at(row, k, f.dim);
-      if (column >= f.dim) throw_row_error(row_id, RowError::Column);
-      emit(column, store::load_value<V>(row.values, k, row.scale));
+    if (store::column_bytes(f.dim) == 1) {
+      for_each_column_entry<V, uint8_t>(row, f.dim, row_id, emit);
+    } else {
+      for_each_column_entry<V, uint16_t>(row, f.dim, row_id, emit);
     }
     return;
   }
@@ -147,16 +164,12 @@ Row parsed_row(const offset_t* offsets, int64_t row_id, const uint8_t* payload, 
 }
 
 // About 32K output elements per task, so that small batches stay on one thread.
-int64_t grain(int64_t elements_per_item) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(elements_per_item, 1)); }
+int64_t grain(int64_t elements_per_item) {
+  return std::max<int64_t>(1, 32768 / std::max<int64_t>(elements_per_item, 1));
+}
 
 void store_le(uint8_t* p, uint32_t value, int bytes) {
   for (int b = 0; b < bytes; ++b) p[b] = static_cast<uint8_t>(value >> (8 * b));
-}
-
-uint32_t float_bits(float x) {
-  uint32_t bits;
-  std::memcpy(&bits, &x, sizeof bits);
-  return bits;
 }
 
 // Writes the kept entries of one dense row (those != 0) in the store's row format.
@@ -168,7 +181,7 @@ void encode_row(const float* w, const Format& f, int64_t row_id, uint8_t* p) {
       TORCH_CHECK_VALUE(std::isfinite(w[j]), "row ", row_id, " holds ", w[j], ": int8 values need a finite table");
       max_abs = std::max(max_abs, std::abs(static_cast<double>(w[j])));
     }
-    store_le(p, float_bits(static_cast<float>(max_abs / 127.0)), 4);
+    store_le(p, store::float_to_bits(static_cast<float>(max_abs / 127.0)), 4);
     p += 4;
   }
   int64_t count = 0;
@@ -191,7 +204,7 @@ void encode_row(const float* w, const Format& f, int64_t row_id, uint8_t* p) {
   for (int64_t j = 0; j < f.dim; ++j) {
     if (w[j] == 0) continue;
     if constexpr (V == Values::F32) {
-      store_le(p, float_bits(w[j]), 4);
+      store_le(p, store::float_to_bits(w[j]), 4);
     } else if constexpr (V == Values::F16) {
       store_le(p, c10::Half(w[j]).x, 2);
     } else if constexpr (V == Values::BF16) {
@@ -300,7 +313,7 @@ at::Tensor store_lookup(const at::Tensor& offsets_in, const at::Tensor& payload_
             const int64_t r = id[i];
             const Row row = parsed_row(offsets, r, payload, payload_bytes, f);
             float* dst = o + i * dim;
-            std::fill(dst, dst + dim, 0.0f);
+            if (row.count != dim) std::fill(dst, dst + dim, 0.0f);  // a full row writes every column
             for_each_entry<V>(row, f, r, [dst](int64_t column, float x) { dst[column] = x; });
           }
         });
@@ -328,7 +341,8 @@ at::Tensor store_lookup_bag(const at::Tensor& offsets_in, const at::Tensor& payl
   TORCH_CHECK_VALUE(bag[0] == 0 && bag[num_bags] == n, "bag offsets must run from 0 to the number of ids ", n,
                     ", got ", bag[0], " to ", bag[num_bags]);
   for (int64_t b = 0; b < num_bags; ++b) {
-    TORCH_CHECK_VALUE(bag[b] <= bag[b + 1], "bag offsets must not decrease, got ", bag[b], " then ", bag[b + 1]);
+    TORCH_CHECK_VALUE(bag[b] <= bag[b + 1], "bag offsets must be non-decreasing and at most the number of ids ", n,
+                      ", got ", bag[b], " then ", bag[b + 1]);
   }
   at::Tensor weights;
   if (per_sample_weights.has_value()) {

@@ -9,12 +9,15 @@
 //   encoding Bitmask: ceil(d / 8) mask bytes (bit j of byte b set: column 8b + j is kept), then
 //                     the values of the set bits in column order;
 // values being fp32, fp16, bf16 (4 or 2 bytes) or int8. Multi-byte fields are little-endian and
-// unaligned: they are read byte by byte, which compiles to plain loads on x86 and is the only
-// legal way on a GPU.
+// unaligned: they are read with memcpy, a plain load on x86 and byte loads on a GPU.
 #pragma once
 
 #include <cstdint>
 #include <cstring>
+
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "the store format is little-endian and this reader loads it as is: it needs a little-endian machine"
+#endif
 
 #if defined(__CUDACC__)
 #define PEP_HOST_DEVICE __host__ __device__
@@ -68,7 +71,9 @@ PEP_HOST_DEVICE inline int lowest_bit(uint32_t x) {
 }
 
 PEP_HOST_DEVICE inline uint32_t load_u16(const uint8_t* p) {
-  return static_cast<uint32_t>(p[0]) | (static_cast<uint32_t>(p[1]) << 8);
+  uint16_t value;
+  memcpy(&value, p, sizeof value);
+  return value;
 }
 
 PEP_HOST_DEVICE inline float bits_to_float(uint32_t bits) {
@@ -78,24 +83,27 @@ PEP_HOST_DEVICE inline float bits_to_float(uint32_t bits) {
 }
 
 PEP_HOST_DEVICE inline float load_f32(const uint8_t* p) {
-  return bits_to_float(load_u16(p) | (load_u16(p + 2) << 16));
+  float value;
+  memcpy(&value, p, sizeof value);
+  return value;
 }
 
-// IEEE binary16 -> binary32, exact (every half is a float).
+PEP_HOST_DEVICE inline uint32_t float_to_bits(float f) {
+  uint32_t bits;
+  memcpy(&bits, &f, sizeof bits);
+  return bits;
+}
+
+// IEEE binary16 -> binary32, exact and branch-free (the fp16 library's method, as c10::Half):
+// normal halves are rebased by one exact multiply by 2^-112, subnormal ones rebuilt by one exact
+// subtraction from a magic number.
 PEP_HOST_DEVICE inline float half_to_float(uint32_t h) {
-  const uint32_t sign = (h & 0x8000u) << 16;
-  const uint32_t exponent = (h >> 10) & 0x1fu;
-  uint32_t mantissa = h & 0x3ffu;
-  if (exponent == 0x1fu) return bits_to_float(sign | 0x7f800000u | (mantissa << 13));  // inf, NaN
-  if (exponent != 0) return bits_to_float(sign | ((exponent + 112) << 23) | (mantissa << 13));
-  if (mantissa == 0) return bits_to_float(sign);
-  // Subnormal half: normalise the mantissa; each shift lowers the exponent by one.
-  uint32_t e = 113;
-  while ((mantissa & 0x400u) == 0) {
-    mantissa <<= 1;
-    --e;
-  }
-  return bits_to_float(sign | (e << 23) | ((mantissa & 0x3ffu) << 13));
+  const uint32_t w = h << 16;
+  const uint32_t sign = w & 0x80000000u;
+  const uint32_t two_w = w + w;
+  const float normalized = bits_to_float((two_w >> 4) + (0xe0u << 23)) * 0x1.0p-112f;
+  const float denormalized = bits_to_float((two_w >> 17) | (126u << 23)) - 0.5f;
+  return bits_to_float(sign | float_to_bits(two_w < (1u << 27) ? denormalized : normalized));
 }
 
 // Value k of a row whose values start at `p` (the int8 scale applied).
@@ -131,7 +139,8 @@ enum class RowError : int32_t {
 
 // Parses row `row`. Checks everything that keeps a reader inside the payload and the output row:
 // the row's byte range, its length against its count (columns) or mask popcount (bitmask), and
-// mask bits past dim. Column ids are checked by the reader (`column_at`) or by `check_row`.
+// mask bits past dim. Column ids are left to the readers, which check each against dim before
+// using it; store_row_dims (validation) also checks that they increase.
 template <typename offset_t>
 PEP_HOST_DEVICE inline RowError parse_row(const offset_t* offsets, int64_t row, const uint8_t* payload,
                                           int64_t payload_bytes, const Format& f, Row* out) {

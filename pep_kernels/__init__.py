@@ -2,8 +2,12 @@
 
 from ._validation import MODES as _MODES, threshold_shape
 from .functional import soft_threshold_embedding
-from .modules import MaskedEmbedding, PEPEmbedding
+from .modules import MaskedEmbedding, PEPEmbedding, PrunedEmbedding
+from .store import SparseRowStore
 
 THRESHOLD_MODES = tuple(_MODES)
 
-__all__ = ["MaskedEmbedding", "PEPEmbedding", "THRESHOLD_MODES", "soft_threshold_embedding", "threshold_shape"]
+__all__ = [
+    "MaskedEmbedding", "PEPEmbedding", "PrunedEmbedding", "SparseRowStore", "THRESHOLD_MODES",
+    "soft_threshold_embedding", "threshold_shape",
+]

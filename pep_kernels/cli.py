@@ -1,4 +1,4 @@
-"""The `pep` command: search, retrain, evaluate, bench, demo."""
+"""The `pep` command: search, retrain, evaluate, export, bench, demo."""
 
 import argparse
 import json
@@ -91,10 +91,40 @@ def cmd_evaluate(args):
     from .train.retrain import load_retrained
 
     _, (_, _, test) = _splits(args)
-    model, _ = load_retrained(args.model_file)
+    model, meta = load_retrained(args.model_file)
+    served = {}
+    if args.store is not None:
+        model.embedding = _store_embedding(args.store, model.embedding, meta)
+        served = {"store": str(args.store), "store_bytes": model.embedding.store.nbytes}
     metric = evaluate_per_batch if args.per_batch else evaluate
     result = metric(model.to(args.device), *test, device=args.device)
-    print(json.dumps(dict(result, nnz=model.embedding.nnz(), sparsity=model.embedding.sparsity())))
+    print(json.dumps(dict(result, nnz=model.embedding.nnz(), sparsity=model.embedding.sparsity(), **served)))
+
+
+def _store_embedding(path, table, meta):
+    """A PrunedEmbedding over the store at `path`, in place of the retrained model's `table`."""
+    from .modules import PrunedEmbedding
+    from .store import SparseRowStore
+    from .train.spec import RunSpec
+
+    store = SparseRowStore.load(path)
+    shape = (table.num_embeddings, table.embedding_dim)
+    if (store.num_embeddings, store.embedding_dim) != shape:
+        raise ValueError(f"the store holds a {store.num_embeddings} x {store.embedding_dim} table; the model's "
+                         f"is {shape[0]} x {shape[1]}")
+    return PrunedEmbedding(store, field_dims=RunSpec.from_dict(meta["spec"]).field_dims)
+
+
+def cmd_export(args):
+    from .store import SparseRowStore
+    from .train.retrain import load_retrained
+
+    model, _ = load_retrained(args.model_file)
+    store = SparseRowStore.from_module(model.embedding, values=args.values, encoding=args.encoding)
+    store.save(args.out)
+    stats = store.stats()
+    del stats["dims_per_row_histogram"]
+    print(json.dumps(dict(stats, out=str(args.out))))
 
 
 def cmd_bench(args):
@@ -148,7 +178,18 @@ def main(argv=None):
     _common(p, epochs=0)
     p.add_argument("--model-file", required=True, type=Path, help="a retrained-*.safetensors file")
     p.add_argument("--per-batch", action="store_true", help="the reference's mean of per-batch metrics")
+    p.add_argument("--store", type=Path,
+                   help="serve the table from this store (written by pep export) instead of the model file's")
     p.set_defaults(handler=cmd_evaluate)
+
+    p = commands.add_parser("export", help="write a retrained model's pruned table as a serving store")
+    p.add_argument("--model-file", required=True, type=Path, help="a retrained-*.safetensors file")
+    p.add_argument("--out", required=True, type=Path, help="the store file to write")
+    p.add_argument("--values", default="fp32", choices=["fp32", "fp16", "bf16", "int8"],
+                   help="value type: fp32 (exact) or lossy fp16, bf16, int8 with a per-row scale")
+    p.add_argument("--encoding", default="auto", choices=["auto", "columns", "bitmask"],
+                   help="row layout (auto: the smaller)")
+    p.set_defaults(handler=cmd_export)
 
     p = commands.add_parser("bench", help="run the CPU benchmark suite and print the ratio tables")
     p.add_argument("-k", help="pytest -k expression selecting benchmarks")

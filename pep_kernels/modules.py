@@ -103,12 +103,12 @@ class PEPEmbedding(_FieldTable):
         return ("weight", "threshold") if mode_layout(self.threshold_mode)[0] == PER_ROW else ("weight",)
 
     def _optimizer_state(self, name):
+        """[param, state1, state2, last_step] of a parameter, as the optimizer ops take it."""
         param = getattr(self, name).detach()
-        states = [getattr(self, f"{name}_{s}") for s in self.optimizer.state_shapes(param)]
-        by_name = dict(zip(self.optimizer.state_shapes(param), states))
+        state = {key: getattr(self, f"{name}_{key}") for key in self.optimizer.state_shapes(param)}
         empty = param.new_empty(0)
-        return [param, by_name.get("exp_avg", by_name.get("sum", empty)), by_name.get("exp_avg_sq", empty),
-                by_name.get("last_step", empty.long())]
+        return [param, state.get("exp_avg", state.get("sum", empty)), state.get("exp_avg_sq", empty),
+                state.get("last_step", empty.long())]
 
     def _adam_schedule(self, step):
         """Adam's per-step factors up to `step`, grown by doubling (empty for other rules)."""
@@ -224,3 +224,43 @@ class MaskedEmbedding(_FieldTable):
     def extra_repr(self):
         fields = "" if self.field_dims is None else f", fields={self.field_dims.numel()}"
         return f"{self.num_embeddings}, {self.embedding_dim}, kept={int(self.keep.sum())}{fields}"
+
+
+class PrunedEmbedding(_FieldTable):
+    """Serving: a pruned table read from a `SparseRowStore`, with the id contract of
+    `PEPEmbedding` and `MaskedEmbedding` (global ids, or with `field_dims` per-field local ids
+    `(..., F)`), so that a trained CTR model swaps its embedding for it and predicts the same
+    scores (bitwise for an fp32 store):
+
+        model.embedding = PrunedEmbedding(SparseRowStore.from_module(model.embedding), field_dims=field_dims)
+
+    It has no parameters: it serves, it does not train. The store is a submodule, so
+    `.to(device)` moves it; the model's state_dict leaves it out (the store has its own file).
+    """
+
+    def __init__(self, store, *, field_dims=None):
+        super().__init__()
+        self._set_field_dims(field_dims, store.num_embeddings, store.payload.device)
+        self.num_embeddings, self.embedding_dim = store.num_embeddings, store.embedding_dim
+        self.store = store
+
+    def forward(self, indices):
+        if self.field_dims is not None:
+            indices = offset_field_ids(indices, self.field_dims)
+        return self.store(indices)
+
+    @torch.no_grad()
+    def pruned_weight(self):
+        """The store's table decoded to dense float32, (N, d)."""
+        return self.store.to_dense()
+
+    def nnz(self):
+        """Entries the store holds (no dense table is made)."""
+        return self.store.nnz
+
+    def dims_per_row(self):
+        """Entries the store holds per row, int64 (N,)."""
+        return self.store.dims_per_row()
+
+    def extra_repr(self):
+        return "" if self.field_dims is None else f"fields={self.field_dims.numel()}"

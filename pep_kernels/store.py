@@ -10,7 +10,7 @@ on GPU builds) with fake kernels, so models using a store go through torch.compi
 torch.export.
 
 Files are safetensors (no pickle): tensors `offsets` and `payload`, and JSON metadata (format
-version, N, d, values, encoding, nnz, max error, a sha256 of metadata and payload). `load`
+version, N, d, values, encoding, nnz, max error, a sha256 of metadata and tensors). `load`
 checks all of it, then every row, before the store is used; a truncated, corrupted or hostile
 file is a ValueError. The C++ lookups also re-check each row they read (byte range, length,
 column ids), so even a store whose tensors were altered after loading cannot make them read or
@@ -44,10 +44,13 @@ def component_bytes(row_dims, dim, values, encoding, offset_bytes):
     """Bytes of each part of a store whose rows keep `row_dims` (N,) entries: offsets, column ids
     or masks, values and int8 scales."""
     nnz, kept = int(row_dims.sum()), int((row_dims > 0).sum())
-    index = ("column_ids", nnz * (1 if dim <= 256 else 2)) if encoding == "columns" else ("masks", kept * math.ceil(dim / 8))
+    if encoding == "columns":
+        index = {"column_ids": nnz * (1 if dim <= 256 else 2)}
+    else:
+        index = {"masks": kept * math.ceil(dim / 8)}
     return {
         "offsets": (row_dims.numel() + 1) * offset_bytes,
-        index[0]: index[1],
+        **index,
         "values": nnz * VALUE_BYTES[values],
         "scales": kept * 4 if values == "int8" else 0,
     }
@@ -72,7 +75,8 @@ class SparseRowStore(nn.Module):
     Build one with `from_dense`, `from_module` or `load`. The constructor takes the encoded
     tensors themselves and validates every row (ValueError if any is malformed). The tensors are
     non-persistent buffers: `.to(device)` moves them, but a model's state_dict leaves them out;
-    the store's own file (`save`) is how it travels.
+    the store's own file (`save`) is how it travels. Lookups only read the store, so any number
+    of threads may share one.
     """
 
     def __init__(self, offsets, payload, *, embedding_dim, values="fp32", encoding="columns", max_error=0.0):
@@ -97,7 +101,8 @@ class SparseRowStore(nn.Module):
         largest absolute difference between the store's rows and `weight` (0 for an fp32 store
         of an fp32 table: its lookups are bit-exact)."""
         if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
-            raise TypeError(f"weight must be a floating-point tensor, got {getattr(weight, 'dtype', type(weight).__name__)}")
+            got = weight.dtype if isinstance(weight, torch.Tensor) else type(weight).__name__
+            raise TypeError(f"weight must be a floating-point tensor, got {got}")
         if weight.dim() != 2 or weight.shape[0] < 1 or not 1 <= weight.shape[1] <= MAX_DIM:
             raise ValueError(f"weight must be (N, d) with N >= 1 and 1 <= d <= {MAX_DIM}, got {tuple(weight.shape)}")
         _check_choice("values", values, tuple(VALUE_BYTES))
@@ -107,9 +112,11 @@ class SparseRowStore(nn.Module):
         if values != "fp32":
             finite = torch.isfinite(dense)
             if not bool(finite.all()):
-                raise ValueError(f"{values} values need a finite table; it holds {int((~finite).sum())} inf or NaN entries")
+                raise ValueError(f"{values} values need a finite table; it holds {int((~finite).sum())} inf or "
+                                 "NaN entries")
             if values in VALUE_DTYPES and not bool(torch.isfinite(dense.to(VALUE_DTYPES[values])).all()):
-                raise ValueError(f"the table holds values beyond the {values} range (max |w| = {float(dense.abs().max())})")
+                raise ValueError(f"the table holds values beyond the {values} range "
+                                 f"(max |w| = {float(dense.abs().max())})")
         row_dims = (dense != 0).sum(1)
         dim = dense.shape[1]
         candidates = ENCODINGS if encoding == "auto" else (encoding,)
@@ -172,8 +179,8 @@ class SparseRowStore(nn.Module):
     def lookup_bag(self, indices, offsets=None, mode="sum", per_sample_weights=None):
         """`torch.nn.functional.embedding_bag` on the store's table: `indices` (B, L) are B bags
         of L ids; 1-D `indices` with `offsets` (B,) are bags starting at each offset. `mode`
-        "sum" or "mean"; `per_sample_weights` (the shape of `indices`) scale rows (sum only).
-        Float32 (B, d); an empty bag is zeros."""
+        "sum" (the default here; torch's is "mean") or "mean"; `per_sample_weights` (the shape of
+        `indices`) scale rows (sum only). Float32 (B, d); an empty bag is zeros."""
         if not isinstance(indices, torch.Tensor):
             raise TypeError(f"indices must be a torch.Tensor, got {type(indices).__name__}")
         if indices.dim() == 2:
@@ -200,7 +207,7 @@ class SparseRowStore(nn.Module):
     def _check_bag_offsets(bag_offsets):
         """ValueError unless the B + 1 bag offsets start at 0 and never decrease (one host sync)."""
         if int(bag_offsets[0]) != 0 or bool((bag_offsets[1:] < bag_offsets[:-1]).any()):
-            raise ValueError("offsets must start at 0, not decrease and not pass the number of ids")
+            raise ValueError("bag offsets must start at 0, be non-decreasing and at most the number of ids")
 
     @torch.no_grad()
     def to_dense(self):
@@ -237,9 +244,9 @@ class SparseRowStore(nn.Module):
         try:
             with safe_open(str(path), framework="pt", device="cpu", backend="mmap" if mmap else "pread") as f:
                 meta = _parse_metadata(path, (f.metadata() or {}).get("pep_kernels"))
-                missing = {"offsets", "payload"} - set(f.keys())
-                if missing:
-                    raise ValueError(f"{path} lacks the store tensor(s) {sorted(missing)}")
+                names = sorted(f.keys())
+                if names != ["offsets", "payload"]:
+                    raise ValueError(f"{path} must hold the tensors offsets and payload, it holds {names}")
                 offsets, payload = f.get_tensor("offsets"), f.get_tensor("payload")
         except (SafetensorError, OSError, RuntimeError) as e:
             raise ValueError(f"{path} is not a readable store file: {e}") from None
@@ -248,7 +255,8 @@ class SparseRowStore(nn.Module):
             raise ValueError(f"{path}: offsets must be {meta['offsets_dtype']} of shape ({n + 1},), got "
                              f"{offsets.dtype} of shape {tuple(offsets.shape)}")
         if payload.dtype != torch.uint8 or payload.dim() != 1:
-            raise ValueError(f"{path}: the payload must be 1-D uint8, got {payload.dtype} of shape {tuple(payload.shape)}")
+            raise ValueError(f"{path}: the payload must be 1-D uint8, got {payload.dtype} of shape "
+                             f"{tuple(payload.shape)}")
         if checksum(meta, offsets, payload) != meta["checksum"]:
             raise ValueError(f"{path}: checksum mismatch, the file is corrupted")
         store = cls(offsets, payload, embedding_dim=meta["embedding_dim"], values=meta["values"],

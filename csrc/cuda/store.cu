@@ -48,7 +48,7 @@ __device__ void write_row(const Row& row, const store::Format& f, float weight, 
       const int64_t column = store::column_at(row, k, f.dim);
       if (column >= f.dim) continue;
       const float x = store::load_value<V>(row.values, k, row.scale);
-      if (kAdd) {
+      if constexpr (kAdd) {
         dst[column] += weight * x;
       } else {
         dst[column] = x;
@@ -63,7 +63,7 @@ __device__ void write_row(const Row& row, const store::Format& f, float weight, 
     const unsigned ballot = __ballot_sync(kFullMask, kept);
     if (kept) {
       const float x = store::load_value<V>(row.values, rank + __popc(ballot & ((1u << lane) - 1u)), row.scale);
-      if (kAdd) {
+      if constexpr (kAdd) {
         dst[column] += weight * x;
       } else {
         dst[column] = x;
@@ -156,7 +156,8 @@ int launch_lookup_bag(const StoreArgs& store, const IdArgs& ids, const int64_t* 
     using index_t = typename decltype(index_tag)::type;
     lookup_bag_kernel<offset_t, index_t, decltype(values)::value>
         <<<blocks_for(num_bags), kWarp * kWarpsPerBlock, 0, static_cast<cudaStream_t>(stream)>>>(
-            store, static_cast<const index_t*>(ids.ids), ids.count, bag_offsets, num_bags, per_sample_weights, mean, out);
+            store, static_cast<const index_t*>(ids.ids), ids.count, bag_offsets, num_bags, per_sample_weights, mean,
+            out);
     return static_cast<int>(cudaGetLastError());
   });
 }
