@@ -127,13 +127,17 @@ def cmd_export(args):
     print(json.dumps(dict(stats, out=str(args.out))))
 
 
+BENCH_SUITES = ("lookup", "train_step", "store")
+
+
 def cmd_bench(args):
-    root = Path(__file__).resolve().parent.parent
-    suite = root / "benchmarks" / "test_lookup.py"
-    if not suite.exists():
-        raise SystemExit(f"pep bench: the benchmark suite ({suite}) is not here; run it from a source checkout")
-    command = [sys.executable, "-m", "pytest", str(suite), "-q", "-p", "no:cacheprovider", "--benchmark-group-by=group"]
-    raise SystemExit(subprocess.call(command + (["-k", args.k] if args.k else []), cwd=root))
+    root = Path(__file__).resolve().parent.parent / "benchmarks"
+    suites = [root / f"test_{name}.py" for name in args.suites]
+    if not all(suite.exists() for suite in suites):
+        raise SystemExit(f"pep bench: the benchmark suites are not here ({root}); run it from a source checkout")
+    command = [sys.executable, "-m", "pytest", *map(str, suites), "-q", "-p", "no:cacheprovider",
+               "--benchmark-group-by=group"]
+    raise SystemExit(subprocess.call(command + (["-k", args.k] if args.k else []), cwd=root.parent))
 
 
 def cmd_demo(args):
@@ -191,7 +195,9 @@ def main(argv=None):
                    help="row layout (auto: the smaller)")
     p.set_defaults(handler=cmd_export)
 
-    p = commands.add_parser("bench", help="run the CPU benchmark suite and print the ratio tables")
+    p = commands.add_parser("bench", help="run the CPU benchmark suites and print the ratio tables")
+    p.add_argument("suites", nargs="*", default=list(BENCH_SUITES), choices=BENCH_SUITES,
+                   help="lookup (soft-threshold op), train_step (a table's training step), store (serving)")
     p.add_argument("-k", help="pytest -k expression selecting benchmarks")
     p.set_defaults(handler=cmd_bench)
 

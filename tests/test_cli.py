@@ -58,3 +58,9 @@ def test_errors_exit_with_a_message(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["demo", "--epochs", "0"])
     assert "--epochs must be >= 1" in capsys.readouterr().err
+
+
+def test_bench_runs_the_named_suites():
+    with pytest.raises(SystemExit) as stop:
+        main(["bench", "lookup", "train_step", "-k", "no_such_benchmark"])
+    assert stop.value.code == 5  # pytest: the suites were collected and nothing matched -k
