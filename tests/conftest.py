@@ -30,3 +30,16 @@ def pytest_collection_modifyitems(config, items):
 def _seeded():
     """Every test starts from the same global RNG state, so results do not depend on test order."""
     torch.manual_seed(0)
+
+
+# Hypothesis example budgets (tests/test_properties.py, tests/test_fuzz_files.py), picked by
+# HYPOTHESIS_PROFILE: "ci" (default, each of those files < 60 s on 2 cores) or "long" (about 30x).
+try:
+    from hypothesis import HealthCheck, settings
+except ImportError:  # hypothesis is a test extra; only the property and fuzz tests need it
+    pass
+else:
+    _slow = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture]
+    settings.register_profile("ci", max_examples=40, deadline=None, suppress_health_check=_slow, print_blob=True)
+    settings.register_profile("long", max_examples=1200, deadline=None, suppress_health_check=_slow, print_blob=True)
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

@@ -5,6 +5,7 @@ the previous file intact.
 """
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -31,12 +32,33 @@ def save(path, tensors, meta):
             os.unlink(tmp)
 
 
+def save_text(path, text):
+    """Atomically writes a text file (a run's JSON summary), as `save` writes tensors."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def load(path):
     """(tensors, meta) of a file written by `save`; ValueError for anything else or a damaged file."""
     path = Path(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = (f.metadata() or {}).get("pep_kernels")
+            for name in f.keys():
+                # An empty tensor passes safetensors' size checks whatever its other dims; torch
+                # cannot make one whose sizes or strides leave int64.
+                shape = f.get_slice(name).get_shape()
+                if math.prod(max(n, 1) for n in shape) >= 2**63:
+                    raise ValueError(f"tensor {name!r} has shape {shape}, beyond int64")
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
         if isinstance(e, FileNotFoundError):
@@ -44,7 +66,13 @@ def load(path):
         raise ValueError(f"{path} is not a readable pep_kernels file: {e}") from None
     if meta is None:
         raise ValueError(f"{path} has no pep_kernels metadata: not written by pep_kernels")
-    return tensors, json.loads(meta)
+    try:
+        meta = json.loads(meta)
+    except (ValueError, RecursionError) as e:  # RecursionError: deeply nested JSON
+        raise ValueError(f"{path} has damaged pep_kernels metadata: {str(e)[:200]}") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path} has pep_kernels metadata that is not a JSON object: not written by pep_kernels")
+    return tensors, meta
 
 
 def optimizer_tensors(optimizer):

@@ -127,6 +127,6 @@ def search(spec, x, y, out_dir, budgets, *, epochs=10, lr=1e-3, weight_decay=1e-
         "unreached": state["remaining"], "snapshots": state["snapshots"],
         "final_nnz": embedding.nnz(), "table_size": spec.num_embeddings * spec.embedding_dim,
     }
-    (out_dir / "search.json").write_text(json.dumps(summary, indent=1))
+    checkpoint.save_text(out_dir / "search.json", json.dumps(summary, indent=1))
     summary["history"] = history
     return summary

@@ -1,0 +1,83 @@
+"""Peak resident memory of building a big PEPEmbedding and exporting it (Linux only).
+
+    python scripts/peak_rss_export.py [--rows 20000000] [--dim 16] [--mode feature_dim]
+
+Phases, each with its own peak (VmHWM, reset between phases through /proc/self/clear_refs):
+building the table (W and s), `nnz()` (the C++ count, no table copy), `pruned_weight()` (the
+whole pruned table S(W, s), computed by the eager reference) and the count of its non-zeros.
+Peaks are reported as bytes and as multiples of the table size N x d x element size; a phase's
+peak includes what earlier phases left alive (W and s, and the pruned table after it is made).
+Not part of the test suite: it needs several GB (about 8 GB at the default 20M x 16, fp32).
+"""
+
+import argparse
+import resource
+import time
+
+import torch
+
+from pep_kernels import PEPEmbedding
+
+
+def status(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+
+def reset_peak():
+    """Resets VmHWM to the current resident size (Linux >= 4.0); False where that is not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=20_000_000)
+    parser.add_argument("--dim", type=int, default=16)
+    parser.add_argument("--mode", default="feature_dim")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    table = args.rows * args.dim * 4
+    gib = 2**30
+    start_rss = status("VmRSS")
+    print(f"table {args.rows:,} x {args.dim} fp32, mode {args.mode}: {table / gib:.2f} GiB; "
+          f"resident after imports {start_rss / gib:.2f} GiB; {torch.get_num_threads()} threads")
+    rows = []
+    state = {}
+
+    def phase(name, fn):
+        can_reset = reset_peak()
+        before = status("VmRSS")
+        t0 = time.perf_counter()
+        result = fn()
+        seconds = time.perf_counter() - t0
+        peak = status("VmHWM") if can_reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        after = status("VmRSS")
+        rows.append((name, seconds, before, peak, after))
+        print(f"{name:<28} {seconds:7.2f} s  resident before {before / gib:6.2f} GiB, peak {peak / gib:6.2f} GiB "
+              f"({(peak - start_rss) / table:4.2f}x the table over the start), peak - before "
+              f"{(peak - before) / gib:5.2f} GiB ({(peak - before) / table:4.2f}x), after {after / gib:6.2f} GiB")
+        return result
+
+    torch.manual_seed(0)
+    # Xavier-uniform entries are within sqrt(6 / (N + d)) (5.5e-4 at 20M rows); sigmoid(-8) = 3.4e-4
+    # prunes a good share of them. The share does not change the memory.
+    emb = phase("build PEPEmbedding", lambda: PEPEmbedding(args.rows, args.dim, threshold_mode=args.mode,
+                                                           threshold_init=-8.0, backend="cpu"))
+    nnz = phase("nnz() (C++ count)", emb.nnz)
+    state["pruned"] = phase("pruned_weight() (reference)", emb.pruned_weight)
+    nnz_pruned = phase("count_nonzero(pruned table)", lambda: int(torch.count_nonzero(state["pruned"])))
+    assert nnz == nnz_pruned, (nnz, nnz_pruned)
+    overall = max(row[3] for row in rows)  # (the peak is reset per phase: ru_maxrss is too)
+    print(f"nnz {nnz:,} of {args.rows * args.dim:,}; process peak {overall / gib:.2f} GiB = "
+          f"{overall / table:.2f}x the table ({(overall - start_rss) / table:.2f}x over the start)")
+
+
+if __name__ == "__main__":
+    main()
