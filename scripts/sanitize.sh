@@ -11,7 +11,7 @@
 #    not itself instrumented) and leak detection off (CPython and torch keep memory until exit
 #    by design): tests/test_soft_threshold.py -k cpu (AVX2 kernels, then again with
 #    PEP_KERNELS_DISABLE_AVX2=1 for the base kernels), tests/test_optim.py,
-#    tests/test_bad_input.py, and the cpu/optimizer property tests of tests/test_properties.py.
+#    tests/test_bad_input.py, tests/test_store.py (the sparse-row store), and the cpu/optimizer property tests of tests/test_properties.py.
 # 3. Builds the CMake library and its C++ test (tests/cpp) with the same sanitizers and runs ctest.
 #
 # Any sanitizer report aborts the process, so a clean run is: every step passes.
@@ -60,7 +60,7 @@ run_pytest() {
 }
 run_pytest tests/test_soft_threshold.py -k cpu
 PEP_KERNELS_DISABLE_AVX2=1 run_pytest tests/test_soft_threshold.py -k cpu
-run_pytest tests/test_optim.py tests/test_bad_input.py
+run_pytest tests/test_optim.py tests/test_bad_input.py tests/test_store.py
 if [ -e "$SRC/tests/test_properties.py" ]; then
   run_pytest tests/test_properties.py -k "cpu or optimizer"
 fi
