@@ -247,6 +247,13 @@ class SparseRowStore(nn.Module):
                 names = sorted(f.keys())
                 if names != ["offsets", "payload"]:
                     raise ValueError(f"{path} must hold the tensors offsets and payload, it holds {names}")
+                # Checked before reading: an empty tensor passes safetensors' size checks whatever
+                # its other dims are, and torch cannot make one whose sizes leave int64.
+                for name in names:
+                    shape = f.get_slice(name).get_shape()
+                    if len(shape) != 1:
+                        what = "the payload must be 1-D uint8" if name == "payload" else "offsets must be 1-D"
+                        raise ValueError(f"{path}: {what}, got shape {shape}")
                 offsets, payload = f.get_tensor("offsets"), f.get_tensor("payload")
         except (SafetensorError, OSError, RuntimeError) as e:
             raise ValueError(f"{path} is not a readable store file: {e}") from None

@@ -1,6 +1,6 @@
 import torch
 
-from pep_kernels import threshold_shape
+from pep_kernels import reference, threshold_shape
 
 MODES = ("global", "dimension", "feature", "feature_dim", "field", "field_dim")
 FIELD_MODES = ("field", "field_dim")
@@ -37,3 +37,30 @@ def leaves(*tensors):
 
 def dense(grad):
     return grad.to_dense() if grad is not None and grad.is_sparse else grad
+
+
+def train_with_row_oracle(fused, eager, rule, batches, loss_of):
+    """Trains `fused` (a PEPEmbedding with an SGD/Adagrad rule, per-field ids) on `batches` and
+    mirrors every step on copies of `eager`'s tables with `reference.row_optimizer_step` on the
+    reference's gradients; shared thresholds take a plain SGD step of 0.1 on both sides.
+    Returns the oracle's (weight, threshold)."""
+    per_row = fused.threshold_mode in PER_ROW_MODES
+    weight, threshold = eager.weight.detach().clone(), eager.threshold.detach().clone()
+    states = {name: {k: torch.zeros(shape, dtype=p.dtype) for k, shape in rule.state_shapes(p).items()}
+              for name, p in (("weight", weight), ("threshold", threshold))}
+    offsets = torch.tensor([0] + eager.field_dims.tolist()[:-1]).cumsum(0)
+    for ids, target in batches:
+        w, s = weight.clone().requires_grad_(True), threshold.clone().requires_grad_(True)
+        loss_of(reference.soft_threshold_embedding(ids + offsets, w, s, fused.threshold_mode), target).backward()
+        touched = torch.unique(ids + offsets)
+        reference.row_optimizer_step(rule, weight, states["weight"], touched, w.grad[touched])
+        if per_row:
+            reference.row_optimizer_step(rule, threshold, states["threshold"], touched, s.grad[touched])
+        else:
+            threshold -= 0.1 * s.grad
+        fused.threshold.grad = None
+        loss_of(fused(ids), target).backward()
+        if not per_row:
+            with torch.no_grad():
+                fused.threshold -= 0.1 * fused.threshold.grad
+    return weight, threshold

@@ -8,7 +8,7 @@ dtype names, the header length, the metadata string). A mutation may also leave 
 (say F32 -> U32: safetensors has no checksum); then `load` must return a dict of tensors that
 fit the file and a dict of metadata.
 
-    pytest tests/test_fuzz_files.py                              # "ci" profile, a few seconds
+    pytest tests/test_fuzz_files.py                              # "ci" profile, about 20 s
     HYPOTHESIS_PROFILE=long pytest tests/test_fuzz_files.py      # about 30x the cases
 
 While the fuzz tests run, the process may not allocate more than 1 GiB over what it had (a

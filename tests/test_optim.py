@@ -8,7 +8,7 @@ import torch
 from pep_kernels import PEPEmbedding, reference
 from pep_kernels.optim import SGD, Adagrad, Adam
 
-from helpers import MODES, PER_ROW_MODES
+from helpers import MODES, PER_ROW_MODES, train_with_row_oracle
 
 FIELDS = 3
 
@@ -114,24 +114,7 @@ def test_sgd_and_adagrad_update_only_looked_up_rows(rule, mode, dim):
     rows = 30
     fused = make_table(mode, rows, dim, rule)
     eager = make_table(mode, rows, dim)
-    weight, threshold = eager.weight.detach().clone(), eager.threshold.detach().clone()
-    states = {name: {k: torch.zeros(shape) for k, shape in rule.state_shapes(p).items()}
-              for name, p in (("weight", weight), ("threshold", threshold))}
-    offsets = torch.tensor([0] + eager.field_dims.tolist()[:-1]).cumsum(0)
-    for ids, target in batches(rows, 8):
-        w, s = weight.clone().requires_grad_(True), threshold.clone().requires_grad_(True)
-        loss_of(reference.soft_threshold_embedding(ids + offsets, w, s, mode), target).backward()
-        touched = torch.unique(ids + offsets)
-        reference.row_optimizer_step(rule, weight, states["weight"], touched, w.grad[touched])
-        if mode in PER_ROW_MODES:
-            reference.row_optimizer_step(rule, threshold, states["threshold"], touched, s.grad[touched])
-        else:
-            threshold -= 0.1 * s.grad  # the shared threshold's own optimizer, mirrored below
-        fused.threshold.grad = None
-        loss_of(fused(ids), target).backward()
-        if mode not in PER_ROW_MODES:
-            with torch.no_grad():
-                fused.threshold -= 0.1 * fused.threshold.grad
+    weight, threshold = train_with_row_oracle(fused, eager, rule, batches(rows, 8), loss_of)
     torch.testing.assert_close(fused.weight.detach(), weight, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(fused.threshold.detach(), threshold, rtol=1e-6, atol=1e-6)
 

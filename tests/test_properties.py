@@ -21,7 +21,7 @@ from hypothesis import given, note, settings
 from hypothesis import strategies as st
 
 from conftest import backend_device
-from helpers import EPS32, FIELD_MODES, GRAD_TOL, MODES, PER_ROW_MODES, dense
+from helpers import EPS32, FIELD_MODES, GRAD_TOL, MODES, PER_ROW_MODES, dense, train_with_row_oracle
 from pep_kernels import PEPEmbedding, reference, soft_threshold_embedding
 from pep_kernels._validation import PER_FIELD, PER_ROW, mode_layout, threshold_shape
 from pep_kernels.optim import SGD, Adagrad, Adam
@@ -336,25 +336,7 @@ def test_optimizer_sgd_and_adagrad_match_reference(run, rule, lr, weight_decay, 
                  "rowwise_adagrad": lambda: Adagrad(lr=lr, eps=eps, weight_decay=weight_decay, rowwise=True)}[rule]()
     fused = make_table(run, optimizer)
     eager = make_table(run, None)
-    mode = run["mode"]
-    weight, threshold = eager.weight.detach().clone(), eager.threshold.detach().clone()
-    states = {name: {k: torch.zeros(shape, dtype=run["dtype"]) for k, shape in optimizer.state_shapes(p).items()}
-              for name, p in (("weight", weight), ("threshold", threshold))}
-    offsets = torch.tensor([0] + run["field_dims"][:-1]).cumsum(0)
-    for ids, target in batches(run):
-        w, s = weight.clone().requires_grad_(True), threshold.clone().requires_grad_(True)
-        loss_of(reference.soft_threshold_embedding(ids + offsets, w, s, mode), target).backward()
-        touched = torch.unique(ids + offsets)
-        reference.row_optimizer_step(optimizer, weight, states["weight"], touched, w.grad[touched])
-        if mode in PER_ROW_MODES:
-            reference.row_optimizer_step(optimizer, threshold, states["threshold"], touched, s.grad[touched])
-        else:
-            threshold -= 0.1 * s.grad  # the shared threshold's own optimizer, mirrored below
-        fused.threshold.grad = None
-        loss_of(fused(ids), target).backward()
-        if mode not in PER_ROW_MODES:
-            with torch.no_grad():
-                fused.threshold -= 0.1 * fused.threshold.grad
+    weight, threshold = train_with_row_oracle(fused, eager, optimizer, batches(run), loss_of)
     tol = dict(rtol=1e-6, atol=1e-6) if run["dtype"] == torch.float32 else dict(rtol=1e-12, atol=1e-12)
     assert torch.isfinite(fused.weight).all()
     torch.testing.assert_close(fused.weight.detach(), weight, **tol)

@@ -658,3 +658,23 @@ def test_cuda_lookups_match_the_cpu(values, encoding):
                                store.lookup_bag(ids.reshape(-1), offsets, mode="mean"), rtol=1e-6, atol=1e-6)
     with pytest.raises(IndexError, match="index 300 is out of range"):
         gpu.lookup(torch.tensor([300], device="cuda"))
+
+
+def test_empty_tensor_with_a_huge_shape_is_refused(tmp_path):
+    """A zero-size tensor passes safetensors' size checks whatever its other dims; one beyond
+    int64 used to escape as a TypeError."""
+    import json
+    import struct
+
+    path = tmp_path / "huge.store"
+    SparseRowStore.from_dense(torch.eye(4)).save(path)
+    raw = path.read_bytes()
+    size = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + size])
+    end = header["payload"]["data_offsets"][0]
+    header["payload"].update(shape=[0, 2**63], data_offsets=[end, end])
+    body = raw[8 + size:8 + size + end]
+    text = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(text)) + text + body)
+    with pytest.raises(ValueError, match="must be 1-D"):
+        SparseRowStore.load(path)
