@@ -60,7 +60,9 @@ run_pytest() {
 }
 run_pytest tests/test_soft_threshold.py -k cpu
 PEP_KERNELS_DISABLE_AVX2=1 run_pytest tests/test_soft_threshold.py -k cpu
-run_pytest tests/test_optim.py tests/test_bad_input.py tests/test_store.py
+# Deselected: it runs nvcc, which inherits the preloaded libasan and crashes (not our code).
+run_pytest tests/test_optim.py tests/test_bad_input.py tests/test_store.py \
+  --deselect tests/test_store.py::test_cuda_source_compiles
 if [ -e "$SRC/tests/test_properties.py" ]; then
   run_pytest tests/test_properties.py -k "cpu or optimizer"
 fi
