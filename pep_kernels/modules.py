@@ -54,7 +54,9 @@ class PEPEmbedding(_FieldTable):
 
     With `optimizer` (a `pep_kernels.optim` rule) the table trains itself: the backward updates
     the looked-up rows of W and of per-row thresholds in place, and their `.grad` stays None
-    (see `pep_kernels.optim`). The optimizer state is kept in buffers, so `state_dict` holds it.
+    (see `pep_kernels.optim`). The optimizer state is kept in buffers, so `state_dict` holds it;
+    `sparse` and `deterministic` do not apply then (no gradient is made; the CPU update is
+    deterministic, the Triton one adds duplicate ids with atomics).
     """
 
     def __init__(
