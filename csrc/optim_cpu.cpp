@@ -41,6 +41,12 @@ OptimArgs<T> optim_args(at::TensorList state, const at::Tensor& schedule, RowOpt
   TORCH_CHECK_VALUE(hparams.size() == 5, "hparams must be [lr, eps, weight_decay, beta1, beta2], got ",
                     hparams.size(), " values");
   TORCH_CHECK_VALUE(step >= 1, "the optimizer step counts from 1, got ", step);
+  for (int k = 0; k < 3; ++k) {
+    TORCH_CHECK_VALUE(std::isfinite(hparams[k]) && hparams[k] >= 0, "lr, eps and weight_decay must be finite and >= 0, got ",
+                      hparams[k]);
+  }
+  TORCH_CHECK_VALUE(hparams[3] >= 0 && hparams[3] < 1 && hparams[4] >= 0 && hparams[4] < 1,
+                    "betas must be in [0, 1), got ", hparams[3], " and ", hparams[4]);
   const at::Tensor& param = state[0];
   TORCH_CHECK_VALUE(param.dim() == 2 && param.is_contiguous() && param.device().is_cpu(),
                     "a row optimizer needs a contiguous 2-D CPU parameter, got shape ", param.sizes());
@@ -48,7 +54,8 @@ OptimArgs<T> optim_args(at::TensorList state, const at::Tensor& schedule, RowOpt
   const auto dtype = param.scalar_type();
   OptimArgs<T> o{kind, param.data_ptr<T>(), cols, nullptr, nullptr, nullptr, nullptr, nullptr,
                  static_cast<T>(hparams[0]), static_cast<T>(hparams[1]), static_cast<T>(hparams[2]),
-                 static_cast<T>(hparams[4]), static_cast<T>(1 - hparams[3]), static_cast<T>(1 - hparams[4]), step};
+                 static_cast<T>(hparams[4]), static_cast<T>(1 - hparams[3]), static_cast<T>(1 - hparams[4]), step,
+                 hparams[3], hparams[4], hparams[2]};
   if (kind == RowOptim::Adagrad) {
     check_state(state[1], param, {rows, cols}, dtype, "sum");
     o.state1 = state[1].data_ptr<T>();
@@ -70,6 +77,7 @@ OptimArgs<T> optim_args(at::TensorList state, const at::Tensor& schedule, RowOpt
                       schedule.sizes());
     o.step_size = schedule.data_ptr<T>();
     o.bc2_sqrt = o.step_size + schedule.size(1);
+    o.full_segment = segment_powers<T>(hparams[3], hparams[4], hparams[2], kSegmentSteps);
   }
   return o;
 }

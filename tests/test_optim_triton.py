@@ -247,3 +247,24 @@ def test_errors_leave_the_state_alone():
     with pytest.raises(IndexError):
         optim_triton.row_optimizer_step(**args)
     assert_same([t.cpu() for t in before], args["state"])
+
+
+@pytest.mark.parametrize("dim", (3, 17))
+def test_long_gap_catch_up_matches_cpp(dim):
+    """Rows behind by 40 to 700 steps take the closed-form segments of `fast` Adam (gaps of more
+    than 32 steps): the same formulas as the C++, whose exp is its own polynomial where Triton
+    calls tl.exp, so equal to a few ulps rather than bitwise; rows behind by fewer steps stay
+    bitwise. Each row's gap differs, so a tile mixes exact steps and segments."""
+    num_rows = 40
+    expected = make_state("adam", num_rows, dim, seed=3)
+    expected[3] = torch.arange(num_rows) * 17  # behind by 700 - 17 r steps
+    actual = on_device(expected)
+    sched = schedule(700)
+    cpp.row_optimizer_catch_up(expected, None, sched, HPARAMS, 700)
+    optim_triton.row_optimizer_catch_up(actual, None, sched.to(DEVICE), HPARAMS, 700)
+    short = torch.arange(num_rows) * 17 >= 700 - 32
+    torch.testing.assert_close(actual[0].cpu(), expected[0], rtol=2e-6, atol=1e-9)
+    torch.testing.assert_close(actual[1].cpu(), expected[1], rtol=2e-6, atol=1e-12)
+    torch.testing.assert_close(actual[2].cpu(), expected[2], rtol=2e-6, atol=1e-15)
+    assert torch.equal(actual[0].cpu()[short], expected[0][short])
+    assert bool((actual[3] == 700).all())

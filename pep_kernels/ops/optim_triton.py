@@ -49,20 +49,96 @@ def _adam_element(p, m, v, g, neg_step_size, bc2_sqrt, eps, weight_decay, beta2,
     return p, m, v
 
 
+# `fast` Adam's catch-up, as csrc/optim_rows.inc: gaps up to _EXACT_GAP skipped steps are
+# replayed exactly; longer ones replay _EXACT_STEPS exactly and the rest in closed-form segments
+# of up to _SEGMENT_STEPS steps.
+_EXACT_GAP = tl.constexpr(32)
+_EXACT_STEPS = tl.constexpr(16)
+_SEGMENT_STEPS = tl.constexpr(256)
+
+
+def _segment_table(hparams, device):
+    """(5, _SEGMENT_STEPS + 1) float32, index L: L * weight_decay / 6, beta1^L,
+    sum_{i=1..L} beta1^i, beta2^L, 1 - beta2^L; computed in double as `segment` in
+    csrc/optim_rows.inc computes them."""
+    _, _, weight_decay, beta1, beta2 = hparams
+    steps = range(_SEGMENT_STEPS.value + 1)
+    rows = [[n * weight_decay / 6.0 for n in steps], [beta1**n for n in steps],
+            [beta1 * (1.0 - beta1**n) / (1.0 - beta1) for n in steps], [beta2**n for n in steps],
+            [1.0 - beta2**n for n in steps]]
+    return torch.tensor(rows, dtype=torch.float64).to(device=device, dtype=torch.float32)
+
+
 @triton.jit
-def _adam_replay(p, m, v, sched_ptr, sched_len, first, last, eps, weight_decay, beta2, one_minus_beta1,
+def _segment_term(v, g2, sched_ptr, sched_len, seg_ptr, u, exponent, eps):
+    """step_size / denominator at step u, v's closed form after `exponent` steps of gradient^2 g2."""
+    seg_len = _SEGMENT_STEPS + 1
+    beta2_i = tl.load(seg_ptr + 3 * seg_len + exponent)[:, None]
+    one_minus_beta2_i = tl.load(seg_ptr + 4 * seg_len + exponent)[:, None]
+    step_size = tl.load(sched_ptr + u)[:, None]
+    bc2_sqrt = tl.load(sched_ptr + sched_len + u)[:, None]
+    second = _unfused_product(beta2_i, v) + _unfused_product(one_minus_beta2_i, g2)
+    return tl.div_rn(step_size, tl.div_rn(tl.sqrt_rn(second), bc2_sqrt) + eps)
+
+
+@triton.jit
+def _segment_rate(v, q, sched_ptr, sched_len, seg_ptr, u0, length, eps, weight_decay):
+    """segment_rate of csrc/optim_rows.inc: Simpson's rule over the segment's decay rate."""
+    g = q * weight_decay
+    g2 = g * g
+    mid = (length + 1) // 2
+    f0 = _segment_term(v, g2, sched_ptr, sched_len, seg_ptr, u0, tl.zeros_like(length) + 1, eps)
+    f1 = _segment_term(v, g2, sched_ptr, sched_len, seg_ptr, u0 + mid - 1, mid, eps)
+    f2 = _segment_term(v, g2, sched_ptr, sched_len, seg_ptr, u0 + length - 1, length, eps)
+    length_wd_6 = tl.load(seg_ptr + length)[:, None]
+    return length_wd_6 * (f0 + _unfused_product(4.0, f1) + f2)
+
+
+@triton.jit
+def _adam_segment(p, m, v, sched_ptr, sched_len, seg_ptr, u0, length, eps, weight_decay):
+    """adam_segment of csrc/optim_rows.inc on each row r of a tile: steps u0[r] .. u0[r] +
+    length[r] - 1 in closed form; returns p, m, v."""
+    seg_len = _SEGMENT_STEPS + 1
+    g = p * weight_decay
+    denom_term = _segment_term(v, _unfused_product(g, g), sched_ptr, sched_len, seg_ptr, u0,
+                               tl.zeros_like(length) + 1, eps)
+    momentum_sum = tl.load(seg_ptr + 2 * seg_len + length)[:, None]
+    q = p - _unfused_product((m - g) * denom_term, momentum_sum)
+    q_mid = q * tl.exp(-0.5 * _segment_rate(v, q, sched_ptr, sched_len, seg_ptr, u0, length, eps, weight_decay))
+    p_end = q * tl.exp(-_segment_rate(v, q_mid, sched_ptr, sched_len, seg_ptr, u0, length, eps, weight_decay))
+    g_mid = q_mid * weight_decay
+    beta1_l = tl.load(seg_ptr + seg_len + length)[:, None]
+    beta2_l = tl.load(seg_ptr + 3 * seg_len + length)[:, None]
+    one_minus_beta2_l = tl.load(seg_ptr + 4 * seg_len + length)[:, None]
+    m = _unfused_product(p_end, weight_decay) + _unfused_product(beta1_l, m - g)
+    v = _unfused_product(beta2_l, v) + _unfused_product(one_minus_beta2_l, g_mid) * g_mid
+    return p_end, m, v
+
+
+@triton.jit
+def _adam_replay(p, m, v, sched_ptr, sched_len, seg_ptr, first, last, eps, weight_decay, beta2, one_minus_beta1,
                  one_minus_beta2):
     """Steps first[r]..last[r] with a zero loss gradient on each row r of a (rows, cols) tile
-    (none where first[r] > last[r]); returns p, m, v."""
-    for u in range(tl.min(first, axis=0), tl.max(last, axis=0) + 1):
+    (none where first[r] > last[r]), as adam_replay in csrc/optim_rows.inc; returns p, m, v."""
+    exact_last = tl.where(last - first + 1 <= _EXACT_GAP, last, first + _EXACT_STEPS - 1)
+    for u in range(tl.min(first, axis=0), tl.max(exact_last, axis=0) + 1):
         neg_step_size = -tl.load(sched_ptr + u)
         bc2_sqrt = tl.load(sched_ptr + sched_len + u)
         p_u, m_u, v_u = _adam_element(p, m, v, 0.0, neg_step_size, bc2_sqrt, eps, weight_decay, beta2,
                                       one_minus_beta1, one_minus_beta2)
-        active = ((first <= u) & (u <= last))[:, None]
+        active = ((first <= u) & (u <= exact_last))[:, None]
         p = tl.where(active, p_u, p)
         m = tl.where(active, m_u, m)
         v = tl.where(active, v_u, v)
+    segments = tl.where(last > exact_last, (last - exact_last + _SEGMENT_STEPS - 1) // _SEGMENT_STEPS, 0)
+    for k in range(0, tl.max(segments, axis=0)):
+        active = k < segments
+        u0 = tl.where(active, exact_last + 1 + k * _SEGMENT_STEPS, 1)
+        length = tl.where(active, tl.minimum(last - u0 + 1, _SEGMENT_STEPS), 1)
+        p_k, m_k, v_k = _adam_segment(p, m, v, sched_ptr, sched_len, seg_ptr, u0, length, eps, weight_decay)
+        p = tl.where(active[:, None], p_k, p)
+        m = tl.where(active[:, None], m_k, m)
+        v = tl.where(active[:, None], v_k, v)
     return p, m, v
 
 
@@ -92,7 +168,7 @@ def _rowwise_adagrad_rows(rows, offs_r, mask_r, grads_ptr, p_ptr, sum_ptr, cols,
 
 @triton.jit
 def _apply_rows_kernel(
-    rows_ptr, grads_ptr, p_ptr, s1_ptr, s2_ptr, last_ptr, sched_ptr,
+    rows_ptr, grads_ptr, p_ptr, s1_ptr, s2_ptr, last_ptr, sched_ptr, seg_ptr,
     n_rows, cols, sched_len, step, lr, eps, weight_decay, beta2, one_minus_beta1, one_minus_beta2,
     KIND: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -128,7 +204,7 @@ def _apply_rows_kernel(
             else:  # _ADAM
                 m = tl.load(s1_ptr + p_off, mask=mask, other=0.0)
                 v = tl.load(s2_ptr + p_off, mask=mask, other=0.0)
-                p, m, v = _adam_replay(p, m, v, sched_ptr, sched_len, first, last, eps, weight_decay, beta2,
+                p, m, v = _adam_replay(p, m, v, sched_ptr, sched_len, seg_ptr, first, last, eps, weight_decay, beta2,
                                        one_minus_beta1, one_minus_beta2)
                 p, m, v = _adam_element(p, m, v, g, neg_step_size, bc2_sqrt, eps, weight_decay, beta2,
                                         one_minus_beta1, one_minus_beta2)
@@ -141,7 +217,7 @@ def _apply_rows_kernel(
 
 @triton.jit
 def _catch_up_kernel(
-    rows_ptr, p_ptr, m_ptr, v_ptr, last_ptr, sched_ptr,
+    rows_ptr, p_ptr, m_ptr, v_ptr, last_ptr, sched_ptr, seg_ptr,
     n_rows, cols, sched_len, to_step, eps, weight_decay, beta2, one_minus_beta1, one_minus_beta2,
     HAS_ROWS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -163,7 +239,7 @@ def _catch_up_kernel(
         p = tl.load(p_ptr + off, mask=mask, other=0.0)
         m = tl.load(m_ptr + off, mask=mask, other=0.0)
         v = tl.load(v_ptr + off, mask=mask, other=0.0)
-        p, m, v = _adam_replay(p, m, v, sched_ptr, sched_len, first, last, eps, weight_decay, beta2,
+        p, m, v = _adam_replay(p, m, v, sched_ptr, sched_len, seg_ptr, first, last, eps, weight_decay, beta2,
                                one_minus_beta1, one_minus_beta2)
         tl.store(p_ptr + off, p, mask=mask)
         tl.store(m_ptr + off, m, mask=mask)
@@ -237,8 +313,9 @@ def triton_row_optimizer_step(
             num_rows, cols, sched_len, step, *scalars, BLOCK_R=block_r, BLOCK_D=block_d,
         )
     elif n:
+        table = _segment_table(hparams, param.device) if kind == "adam" else None
         wrap_triton(_apply_rows_kernel)[(triton.cdiv(n, block_r),)](
-            rows, grads, param, state1, state2, last_step, schedule,
+            rows, grads, param, state1, state2, last_step, schedule, table,
             n, cols, sched_len, step, _fp32(hparams[0]), *scalars,
             KIND=_KINDS[kind], BLOCK_R=block_r, BLOCK_D=block_d,
         )
@@ -257,7 +334,7 @@ def triton_row_optimizer_catch_up(
     if n:
         block_r, block_d = _tile(cols)
         wrap_triton(_catch_up_kernel)[(triton.cdiv(n, block_r),)](
-            rows, param, exp_avg, exp_avg_sq, last_step, schedule,
+            rows, param, exp_avg, exp_avg_sq, last_step, schedule, _segment_table(hparams, param.device),
             n, cols, schedule.shape[1], to_step, *_scalars(hparams),
             HAS_ROWS=rows is not None, BLOCK_R=block_r, BLOCK_D=block_d,
         )
