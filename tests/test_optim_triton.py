@@ -178,6 +178,10 @@ STEP_ERRORS = [
     ("3 state tensors", _set("state", lambda a: a["state"][:3]), ValueError, "got 3 tensors"),
     ("4 hparams", _set("hparams", HPARAMS[:4]), ValueError, "got 4 values"),
     ("step 0", _set("step", 0), ValueError, "counts from 1, got 0"),
+    ("negative lr", _set("hparams", [-1e-3] + HPARAMS[1:]), ValueError, "lr, eps and weight_decay must be finite"),
+    ("nan weight decay", _set("hparams", HPARAMS[:2] + [float("nan")] + HPARAMS[3:]), ValueError,
+     "must be finite and >= 0, got nan"),
+    ("beta2 of 1", _set("hparams", HPARAMS[:4] + [1.0]), ValueError, r"betas must be in \[0, 1\)"),
     ("strided param", _set_state(0, lambda a: a["state"][0].t().contiguous().t()), ValueError, "contiguous 2-D"),
     ("exp_avg_sq shape", _set_state(2, lambda a: a["state"][2][:5]), ValueError, "exp_avg_sq must have shape"),
     ("exp_avg dtype", _set_state(1, lambda a: a["state"][1].double()), TypeError, "exp_avg must be torch.float32"),
@@ -219,6 +223,7 @@ CATCH_UP_ERRORS = [
     ("row too big", _set("rows", lambda a: a["rows"] + 3), IndexError, "row 6 is out of range"),
     ("no last_step", _set_state(3, lambda a: a["state"][3][:0]), ValueError, "last_step must have shape"),
     ("short schedule", _set("to_step", 4), ValueError, r"schedule of shape \(2, > 4\)"),
+    ("negative beta1", _set("hparams", HPARAMS[:3] + [-0.1] + HPARAMS[4:]), ValueError, r"betas must be in \[0, 1\)"),
 ]
 
 

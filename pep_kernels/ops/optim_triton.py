@@ -16,6 +16,8 @@ Python entry points; the Triton ops assume checked inputs and have no outputs, s
 under fake tensors.
 """
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -385,6 +387,11 @@ def _check_state(state, schedule, kind, hparams, step):
         raise ValueError(f"hparams must be [lr, eps, weight_decay, beta1, beta2], got {len(hparams)} values")
     if step < 1:
         raise ValueError(f"the optimizer step counts from 1, got {step}")
+    for value in hparams[:3]:
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"lr, eps and weight_decay must be finite and >= 0, got {value}")
+    if not all(0 <= beta < 1 for beta in hparams[3:]):
+        raise ValueError(f"betas must be in [0, 1), got {hparams[3]} and {hparams[4]}")
     param = state[0]
     if param.dim() != 2 or not param.is_contiguous():
         raise ValueError(f"a row optimizer needs a contiguous 2-D parameter, got shape {tuple(param.shape)}")
