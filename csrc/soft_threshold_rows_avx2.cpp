@@ -1,5 +1,6 @@
 // Row kernels compiled for AVX2 + FMA; soft_threshold_cpu.cpp calls them only on CPUs that have
 // both. This file includes no ATen header, so no shared inline function gets AVX2 code.
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 

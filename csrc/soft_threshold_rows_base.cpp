@@ -1,4 +1,5 @@
 // Row kernels for any x86-64 (or other) CPU.
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 

@@ -52,8 +52,8 @@ def _adam_element(p, m, v, g, neg_step_size, bc2_sqrt, eps, weight_decay, beta2,
 
 
 # `fast` Adam's catch-up, as csrc/optim_rows.inc: gaps up to _EXACT_GAP skipped steps are
-# replayed exactly; longer ones replay _EXACT_STEPS exactly and the rest in closed-form segments
-# of up to _SEGMENT_STEPS steps.
+# replayed exactly; longer ones replay _EXACT_STEPS exactly and the rest in closed-form segments,
+# each at most as long as the part of the gap already covered and at most _SEGMENT_STEPS.
 _EXACT_GAP = tl.constexpr(32)
 _EXACT_STEPS = tl.constexpr(16)
 _SEGMENT_STEPS = tl.constexpr(256)
@@ -132,15 +132,22 @@ def _adam_replay(p, m, v, sched_ptr, sched_len, seg_ptr, first, last, eps, weigh
         p = tl.where(active, p_u, p)
         m = tl.where(active, m_u, m)
         v = tl.where(active, v_u, v)
-    segments = tl.where(last > exact_last, (last - exact_last + _SEGMENT_STEPS - 1) // _SEGMENT_STEPS, 0)
-    for k in range(0, tl.max(segments, axis=0)):
-        active = k < segments
-        u0 = tl.where(active, exact_last + 1 + k * _SEGMENT_STEPS, 1)
-        length = tl.where(active, tl.minimum(last - u0 + 1, _SEGMENT_STEPS), 1)
-        p_k, m_k, v_k = _adam_segment(p, m, v, sched_ptr, sched_len, seg_ptr, u0, length, eps, weight_decay)
+    # Segments of 16, 32, 64, 128 steps cover the first 240 after the exact ones, then 256 each:
+    # at most 4 + ceil(rest / 256) per row; rows done early idle.
+    rest = tl.where(last > exact_last, last - exact_last, 0)
+    segments = tl.where(rest > 0, 4 + (rest + _SEGMENT_STEPS - 1) // _SEGMENT_STEPS, 0)
+    u0 = exact_last + 1
+    for _ in range(0, tl.max(segments, axis=0)):
+        active = u0 <= last
+        length = tl.minimum(tl.minimum(u0 - first, last - u0 + 1), _SEGMENT_STEPS)
+        safe_u0 = tl.where(active, u0, 1)
+        safe_length = tl.where(active, length, 1)
+        p_k, m_k, v_k = _adam_segment(p, m, v, sched_ptr, sched_len, seg_ptr, safe_u0, safe_length, eps,
+                                      weight_decay)
         p = tl.where(active[:, None], p_k, p)
         m = tl.where(active[:, None], m_k, m)
         v = tl.where(active[:, None], v_k, v)
+        u0 = tl.where(active, u0 + length, u0)
     return p, m, v
 
 
