@@ -21,11 +21,11 @@ The element rules are torch.optim's, with coupled L2 (`g + weight_decay * p`):
     A gap of up to 32 steps is replayed step by step, the same element rule with a zero loss
     gradient: the same numbers as `faithful` (bitwise on CPU). A longer gap replays its first
     16 steps (where the last loss gradient's momentum acts) and covers the rest in segments of
-    up to 256 steps, each in closed form: m and v follow their geometric recurrences, p decays
+    16, 32, 64, 128, then 256 steps, each in closed form: m and v follow their geometric recurrences, p decays
     exponentially at Adam's rate step_size * weight_decay / denominator summed over the segment
     by Simpson's rule (an exponential midpoint rule, stable also where v has run down and the
     decay is fast). A segment costs about what 8 replayed steps cost; its error is about 1e-3 of
-    the move for thresholds and 1-4% for weights (docs/fast_vs_faithful.md).
+    the move for thresholds and 1-3% for weights (scripts/catch_up_error.py).
 
 Gradient clipping does not see a fused table's gradients (they never exist), as with FBGEMM;
 the published recipe's clip (total norm 100) does not engage in its runs.
