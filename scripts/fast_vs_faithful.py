@@ -3,7 +3,7 @@ step each budget is reached, the non-zeros there, the retrained AUC at each budg
 search time.
 
     python scripts/fast_vs_faithful.py [--data ml100k|synthetic] [--models fm deepfm] [--seeds 0 1 2]
-                                       [--count-every 1] [--out docs/fast_vs_faithful.md]
+                                       [--count-every 1] [--swaps 0] [--out docs/fast_vs_faithful.md]
 
 Both searches use the recipe of docs/RESULTS.md (Adam with coupled L2 1e-5, lr 1e-2,
 threshold_init -4, batch 1024) and count non-zeros every `--count-every` steps; the retrain of
@@ -11,6 +11,10 @@ each snapshot is the same lottery-ticket retrain for both. A count brings every 
 date, so the gaps `fast` catches up are at most `--count-every` steps long: counting after every
 step leaves it nothing but one-step replays (the same bits as `faithful`); counting every 200
 steps makes the rarely seen rows take the closed-form segments of gaps past 32 steps.
+
+`--swaps K` adds a control: each faithful snapshot is also retrained with K of its mask entries
+swapped (K kept entries pruned, K pruned ones kept), which shows how much the retrained AUC moves
+when a mask differs in a few entries, as fast's masks do.
 """
 
 import argparse
@@ -24,7 +28,7 @@ from pathlib import Path
 import torch
 
 from pep_kernels.data import load_movielens_100k, split, synthetic_ctr_data
-from pep_kernels.train import budget_counts, retrain, search
+from pep_kernels.train import budget_counts, checkpoint, retrain, search
 from pep_kernels.train.spec import RunSpec
 
 BUDGETS = (0.8, 0.9, 0.95)
@@ -46,7 +50,22 @@ def crossing(history, budget):
     return None
 
 
-def one_seed(model_name, seed, data, epochs, count_every, work):
+def swapped_snapshot(run_dir, snapshot, swaps, seed):
+    """A copy of a snapshot whose mask has `swaps` kept entries pruned and as many pruned ones
+    kept: the retrain's sensitivity to a mask that differs in a few entries."""
+    tables, meta = checkpoint.load(run_dir / snapshot)
+    weight = tables["weight"].clone().flatten()
+    gen = torch.Generator().manual_seed(seed)
+    kept, pruned = torch.nonzero(weight).flatten(), torch.nonzero(weight == 0).flatten()
+    drop = kept[torch.randperm(kept.numel(), generator=gen)[:swaps]]
+    add = pruned[torch.randperm(pruned.numel(), generator=gen)[:swaps]]
+    weight[drop], weight[add] = 0.0, 1.0  # the retrain reads the mask only
+    path = run_dir / f"swapped-{snapshot}"
+    checkpoint.save(path, {"weight": weight.view_as(tables["weight"])}, meta)
+    return path.name
+
+
+def one_seed(model_name, seed, data, epochs, count_every, swaps, work):
     train, val, test = ((p.x, p.y) for p in split(data, seed))
     spec = RunSpec(model_name, data.field_dims, 16, model_kwargs=MODEL_KWARGS[model_name],
                    threshold_init=RECIPE["threshold_init"])
@@ -64,6 +83,10 @@ def one_seed(model_name, seed, data, epochs, count_every, work):
                              seed=seed, log=lambda *_: None)
             budgets[target[snap["budget"]]] = dict(step=snap["step"], nnz=snap["nnz"], auc=result["test_auc"],
                                                    crossing=crossing(run["history"], snap["budget"]))
+            if training == "faithful" and swaps:
+                control = retrain(run_dir, swapped_snapshot(run_dir, snap["path"], swaps, seed), train, val, test,
+                                  epochs=epochs, patience=3, lr=RECIPE["lr"], seed=seed, log=lambda *_: None)
+                budgets[target[snap["budget"]]]["swapped_auc"] = control["test_auc"]
         out[training] = dict(seconds=seconds, steps=run["steps"], budgets=budgets,
                              history=[h[:2] for h in run["history"]])
     return out
@@ -76,6 +99,8 @@ def main(argv=None):
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--data", choices=["ml100k", "synthetic"], default="ml100k")
     parser.add_argument("--count-every", type=int, default=1)
+    parser.add_argument("--swaps", type=int, default=0,
+                        help="control: also retrain each faithful snapshot with this many mask entries swapped")
     parser.add_argument("--out", type=Path, default=Path("fast_vs_faithful.md"))
     args = parser.parse_args(argv)
     # The synthetic task: 200k examples over Zipf-distributed features (8 fields, 3,880 rows).
@@ -86,11 +111,13 @@ def main(argv=None):
         for model_name in args.models:
             for seed in args.seeds:
                 results[f"{model_name}-{seed}"] = one_seed(model_name, seed, data, args.epochs, args.count_every,
-                                                           Path(work))
+                                                           args.swaps, Path(work))
                 print(f"{model_name} seed {seed} done, {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
-    lines = ["| model | seed | budget | step faithful | step fast | non-zeros faithful | non-zeros fast | "
-             "AUC faithful | AUC fast | AUC fast - faithful |", "|---|---|---|---|---|---|---|---|---|---|"]
-    gaps, step_errors, crossing_errors, identical, count_errors = [], [], [], True, []
+    swapped = f"AUC faithful, {args.swaps} entries swapped" if args.swaps else None
+    lines = ["| model | seed | budget | step faithful (crossing) | step fast (crossing) | non-zeros faithful | "
+             "non-zeros fast | AUC faithful | AUC fast | AUC fast - faithful |" + (f" {swapped} |" if swapped else ""),
+             "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if swapped else "")]
+    gaps, control_gaps, step_errors, crossing_errors, identical, count_errors = [], [], [], [], True, []
     for key, run in results.items():
         model_name, seed = key.rsplit("-", 1)
         a, b = run["faithful"], run["fast"]
@@ -98,29 +125,37 @@ def main(argv=None):
         count_errors += [abs(y[1] - x[1]) / max(x[1], 1) for x, y in zip(a["history"], b["history"])]
         for budget in BUDGETS:
             if budget not in a["budgets"] or budget not in b["budgets"]:
-                lines.append(f"| {model_name} | {seed} | {budget:.0%} | not reached in both modes | | | | | | |")
+                lines.append(f"| {model_name} | {seed} | {budget:.0%} | not reached in both modes |" + " |" * (
+                    6 + bool(swapped)))
                 continue
             x, y = a["budgets"][budget], b["budgets"][budget]
             gaps.append(y["auc"] - x["auc"])
             step_errors.append(abs(y["step"] - x["step"]) / max(x["step"], 1))
             crossing_errors.append(abs(y["crossing"] - x["crossing"]) / max(x["crossing"], 1))
-            lines.append(f"| {model_name} | {seed} | {budget:.0%} | {x['step']} | {y['step']} | {x['nnz']} | {y['nnz']} | "
-                         f"{x['auc']:.4f} | {y['auc']:.4f} | {y['auc'] - x['auc']:+.4f} |")
+            row = (f"| {model_name} | {seed} | {budget:.0%} | {x['step']} ({x['crossing']:.0f}) | "
+                   f"{y['step']} ({y['crossing']:.0f}) | {x['nnz']} | {y['nnz']} | {x['auc']:.4f} | {y['auc']:.4f} | "
+                   f"{y['auc'] - x['auc']:+.4f} |")
+            if swapped:
+                control_gaps.append(x["swapped_auc"] - x["auc"])
+                row += f" {x['swapped_auc']:.4f} ({x['swapped_auc'] - x['auc']:+.4f}) |"
+            lines.append(row)
     seconds = {m: statistics.mean(r[m]["seconds"] for r in results.values()) for m in ("faithful", "fast")}
-    lines += ["", f"- Largest AUC difference: {max(map(abs, gaps)):.4f}; largest relative difference of the step "
-                  f"at which a budget is reached: {max(step_errors):.1%} (snapshot step), {max(crossing_errors):.1%} "
-                  f"(interpolated between counts); mean AUC difference {statistics.mean(gaps):+.4f}; non-zero counts at every count "
-                  f"identical in every run: {identical}; largest relative difference of a count: "
-                  f"{max(count_errors):.2%}.",
+    lines += ["",
+              f"- AUC fast - faithful: largest {max(map(abs, gaps)):.4f}, mean {statistics.mean(gaps):+.4f}."
+              + (f" Control (faithful's snapshot with {args.swaps} mask entries swapped, retrained alike): largest "
+                 f"{max(map(abs, control_gaps)):.4f}, mean {statistics.mean(control_gaps):+.4f}." if swapped else ""),
+              f"- Largest relative difference of the step at which a budget is reached: {max(step_errors):.1%} "
+              f"(snapshot step), {max(crossing_errors):.1%} (crossing: interpolated between counts). Non-zero counts "
+              f"identical at every count in every run: {identical}; largest relative difference of a count: "
+              f"{max(count_errors):.2%}.",
               f"- Mean search time: faithful {seconds['faithful']:.1f} s, fast {seconds['fast']:.1f} s "
               f"({torch.get_num_threads()} threads).",
               f"\nCommand: `python scripts/fast_vs_faithful.py --data {args.data} --count-every {args.count_every} "
-                  f"--models {' '.join(args.models)} --seeds "
-              f"{' '.join(map(str, args.seeds))} --epochs {args.epochs}`; {time.perf_counter() - start:.0f} s in all."]
+              f"--swaps {args.swaps} --models {' '.join(args.models)} --seeds {' '.join(map(str, args.seeds))} "
+              f"--epochs {args.epochs}`; {time.perf_counter() - start:.0f} s in all."]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
-    args.out.with_suffix(".json").write_text(json.dumps(
-results, indent=1))
+    args.out.with_suffix(".json").write_text(json.dumps(results, indent=1))
     print("\n".join(lines))
 
 
