@@ -163,6 +163,24 @@ Row parsed_row(const offset_t* offsets, int64_t row_id, const uint8_t* payload, 
   return row;
 }
 
+// A lookup's time goes to two dependent cache misses per id (perf: offsets[id], then the row's
+// bytes). Prefetching the offsets kPrefetchAhead ids ahead and the row bytes half as far ahead
+// overlaps the misses of several ids (15% less CPU time per lookup of the d32-3pct benchmark
+// batch, one thread, loaded machine).
+constexpr int64_t kPrefetchAhead = 16;
+
+template <typename index_t, typename offset_t>
+inline void prefetch_rows(const index_t* id, int64_t i, int64_t end, const offset_t* offsets, const uint8_t* payload,
+                          int64_t payload_bytes) {
+  if (i + kPrefetchAhead < end) __builtin_prefetch(offsets + id[i + kPrefetchAhead]);
+  if (i + kPrefetchAhead / 2 < end && payload_bytes > 0) {
+    // The ids are checked; the offsets may not be yet (parse_row checks them): clamp, so that a
+    // corrupt offset never forms a pointer outside the payload.
+    const int64_t at = static_cast<int64_t>(offsets[id[i + kPrefetchAhead / 2]]);
+    __builtin_prefetch(payload + std::clamp<int64_t>(at, 0, payload_bytes - 1));
+  }
+}
+
 // About 32K output elements per task, so that small batches stay on one thread.
 int64_t grain(int64_t elements_per_item) {
   return std::max<int64_t>(1, 32768 / std::max<int64_t>(elements_per_item, 1));
@@ -310,6 +328,7 @@ at::Tensor store_lookup(const at::Tensor& offsets_in, const at::Tensor& payload_
         constexpr Values V = decltype(v)::value;
         at::parallel_for(0, n, grain(dim), [&](int64_t begin, int64_t end) {
           for (int64_t i = begin; i < end; ++i) {
+            prefetch_rows(id, i, end, offsets, payload, payload_bytes);
             const int64_t r = id[i];
             const Row row = parsed_row(offsets, r, payload, payload_bytes, f);
             float* dst = o + i * dim;
@@ -370,6 +389,7 @@ at::Tensor store_lookup_bag(const at::Tensor& offsets_in, const at::Tensor& payl
           for (int64_t b = begin; b < end; ++b) {
             float* dst = o + b * dim;
             for (int64_t k = bag[b]; k < bag[b + 1]; ++k) {
+              prefetch_rows(id, k, n, offsets, payload, payload_bytes);
               const int64_t r = id[k];
               const Row row = parsed_row(offsets, r, payload, payload_bytes, f);
               if (weight == nullptr) {
