@@ -6,6 +6,12 @@ weights times the mask and every other parameter to its step-0 value, both read 
 control re-initialises everything randomly under the same mask. Training uses the search's
 optimizer and keeps the epoch with the best validation AUC, stopping after `patience` epochs
 without improvement; the test split is scored once, with that epoch's weights.
+
+With `checkpoint_dir`, the retrain is resumable: `fit` writes `checkpoint.safetensors` there
+(model, optimizer, RNG, best epoch so far, progress) every `checkpoint_every` steps and after
+every epoch, and calling `retrain` again with the same arguments resumes from it and ends with
+exactly the weights and metrics of an uninterrupted run. One folder per retrain: a checkpoint
+of another snapshot or other settings is refused.
 """
 
 from pathlib import Path
@@ -47,13 +53,26 @@ def masked_model(spec, weight, mask, state):
 
 
 def retrain(run_dir, snapshot, train, val, test, *, rewind=True, epochs=10, patience=2, seed=0, device="cpu",
-            save_path=None, log=print, **optim):
+            save_path=None, checkpoint_dir=None, checkpoint_every=1000, log=print, **optim):
     """Retrains a snapshot; `train`, `val`, `test` are (x, y) pairs; `optim` as `fit`'s
     (lr, weight_decay, batch_size, clip_norm), the search's by default. Returns the metrics and,
-    with `save_path`, writes the retrained model there (read it back with `load_retrained`)."""
+    with `save_path`, writes the retrained model there (read it back with `load_retrained`).
+    With `checkpoint_dir`, checkpoints there and resumes from an existing checkpoint."""
     model, meta = load_ticket(run_dir, snapshot, rewind=rewind, seed=seed)
+    checkpoint_path = None
+    if checkpoint_dir is not None:
+        checkpoint_dir = Path(checkpoint_dir)
+        if checkpoint_dir.exists() and not checkpoint_dir.is_dir():
+            raise ValueError(f"checkpoint folder {checkpoint_dir} is a file, not a folder")
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint_path = checkpoint_dir / "checkpoint.safetensors"
+        checkpoint.remove_stale_temporaries(checkpoint_dir, [checkpoint_path.name])
+    if save_path is not None and Path(save_path).parent.is_dir():
+        checkpoint.remove_stale_temporaries(Path(save_path).parent, [Path(save_path).name])
+    run = {"spec": meta["spec"], "snapshot": Path(snapshot).name, "snapshot_step": meta.get("step"),
+           "snapshot_nnz": meta.get("nnz"), "rewind": rewind}
     best = fit(model, train, val, epochs=epochs, patience=patience, seed=seed, device=device, log=log,
-               desc="retrain", **optim)
+               desc="retrain", checkpoint_path=checkpoint_path, checkpoint_every=checkpoint_every, run=run, **optim)
     test_score = evaluate(model, *test, device=device)
     result = {
         "snapshot": str(snapshot), "rewind": rewind, "nnz": model.embedding.nnz(),
