@@ -266,8 +266,11 @@ class SparseRowStore(nn.Module):
                              f"{tuple(payload.shape)}")
         if checksum(meta, offsets, payload) != meta["checksum"]:
             raise ValueError(f"{path}: checksum mismatch, the file is corrupted")
-        store = cls(offsets, payload, embedding_dim=meta["embedding_dim"], values=meta["values"],
-                    encoding=meta["encoding"], max_error=meta["max_error"])
+        try:
+            store = cls(offsets, payload, embedding_dim=meta["embedding_dim"], values=meta["values"],
+                        encoding=meta["encoding"], max_error=meta["max_error"])
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
         if store.nnz != meta["nnz"]:
             raise ValueError(f"{path}: the rows hold {store.nnz} entries, the metadata says {meta['nnz']}")
         return store.to(device)
