@@ -3,11 +3,12 @@
     python scripts/peak_rss_export.py [--rows 20000000] [--dim 16] [--mode feature_dim]
 
 Phases, each with its own peak (VmHWM, reset between phases through /proc/self/clear_refs):
-building the table (W and s), `nnz()` (the C++ count, no table copy), `pruned_weight()` (the
-whole pruned table S(W, s), computed by the eager reference) and the count of its non-zeros.
-Peaks are reported as bytes and as multiples of the table size N x d x element size; a phase's
-peak includes what earlier phases left alive (W and s, and the pruned table after it is made).
-Not part of the test suite: it needs several GB (about 8 GB at the default 20M x 16, fp32).
+building the table (W and s), `nnz()` (the C++ count, no table copy), building the serving
+store from the module (`SparseRowStore.from_module`, block by block: no dense pruned copy),
+`pruned_weight()` (the whole pruned table S(W, s), block by block) and the count of its
+non-zeros. Peaks are reported as bytes and as multiples of the table size N x d x element size;
+a phase's peak includes what earlier phases left alive (W and s, the store, then the pruned
+table). Not part of the test suite: it needs about 4 GB at the default 20M x 16, fp32.
 """
 
 import argparse
@@ -16,7 +17,7 @@ import time
 
 import torch
 
-from pep_kernels import PEPEmbedding
+from pep_kernels import PEPEmbedding, SparseRowStore
 
 
 def status(field):
@@ -71,7 +72,11 @@ def main():
     emb = phase("build PEPEmbedding", lambda: PEPEmbedding(args.rows, args.dim, threshold_mode=args.mode,
                                                            threshold_init=-8.0, backend="cpu"))
     nnz = phase("nnz() (C++ count)", emb.nnz)
-    state["pruned"] = phase("pruned_weight() (reference)", emb.pruned_weight)
+    state["store"] = phase("SparseRowStore.from_module", lambda: SparseRowStore.from_module(emb))
+    print(f"  store: {state['store'].nbytes / gib:.2f} GiB ({state['store'].nbytes / table:.2f}x the table), "
+          f"{state['store'].encoding}")
+    assert state["store"].nnz == nnz
+    state["pruned"] = phase("pruned_weight() (blocks)", emb.pruned_weight)
     nnz_pruned = phase("count_nonzero(pruned table)", lambda: int(torch.count_nonzero(state["pruned"])))
     assert nnz == nnz_pruned, (nnz, nnz_pruned)
     overall = max(row[3] for row in rows)  # (the peak is reset per phase: ru_maxrss is too)
