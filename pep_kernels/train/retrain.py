@@ -28,6 +28,8 @@ from .spec import RunSpec
 def load_ticket(run_dir, snapshot, *, rewind=True, seed=0):
     """The retrain model of a snapshot, not yet trained, and the snapshot's metadata."""
     run_dir = Path(run_dir)
+    if not (run_dir / "initial.safetensors").is_file():
+        raise ValueError(f"{run_dir} is not a search run folder: it has no initial.safetensors")
     initial, meta = checkpoint.load(run_dir / "initial.safetensors")
     spec = RunSpec.from_dict(meta["spec"])
     tables, snap_meta = checkpoint.load(run_dir / snapshot if not Path(snapshot).is_absolute() else snapshot)
