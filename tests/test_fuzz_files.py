@@ -9,13 +9,14 @@ dtype names, the header length, the metadata string). Every file carries a sha25
 metadata and tensors, so a mutation that still loads (say extra whitespace in the header) must
 give back exactly the original tensors and metadata.
 
-    pytest tests/test_fuzz_files.py                              # "ci" profile, about 20 s
+    pytest tests/test_fuzz_files.py                              # "ci" profile, about 60 s
     HYPOTHESIS_PROFILE=long pytest tests/test_fuzz_files.py      # about 30x the cases
 
 While the fuzz tests run, the process may not allocate more than 1 GiB over what it had (a
 RLIMIT_DATA cap: an absurd allocation fails as MemoryError, which is not a ValueError), and a
-watchdog ends the process with a traceback if a case hangs. tests/corpus/checkpoint/ holds the
-files that found bugs (see its README.md); every one must raise ValueError.
+watchdog ends the process with a traceback if a case runs a minute (a hang).
+tests/corpus/checkpoint/ holds the files that found bugs (see its README.md); every one must
+raise ValueError.
 
 Stores get the same byte-level mutations (truncations, bit flips anywhere, header edits with
 huge shapes and offsets) and structural edits made by a writer who knows the format: offsets,
@@ -25,6 +26,7 @@ validation is what is exercised. A store that loads must then serve every row an
 tests/corpus/store/ holds the regression cases (its README.md).
 """
 
+import contextlib
 import faulthandler
 import json
 import resource
@@ -84,19 +86,27 @@ def target(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def guarded():
-    """While the fuzz tests run: at most 1 GiB more data memory, and a watchdog against hangs."""
+    """While the fuzz tests run: at most 1 GiB more data memory (each case also runs under `watchdog`)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
     vm_data = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmData:"))
     cap = vm_data + 2**30
     if hard != resource.RLIM_INFINITY:
         cap = min(cap, hard)
     resource.setrlimit(resource.RLIMIT_DATA, (cap, hard))
-    faulthandler.dump_traceback_later(600, exit=True)  # no fuzz test runs 10 minutes unless a case hangs
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_DATA, (soft, hard))
+
+
+@contextlib.contextmanager
+def watchdog():
+    """Ends the process with a traceback if one case runs a minute (they take milliseconds)."""
+    faulthandler.dump_traceback_later(60, exit=True)
     try:
         yield
     finally:
         faulthandler.cancel_dump_traceback_later()
-        resource.setrlimit(resource.RLIMIT_DATA, (soft, hard))
 
 
 def split(data):
@@ -115,7 +125,8 @@ def check_load(path, data):
     CASES["count"] += 1
     path.write_bytes(data)
     try:
-        tensors, meta = checkpoint.load(path)
+        with watchdog():
+            tensors, meta = checkpoint.load(path)
     except ValueError:
         return "error"
     expected, expected_meta = VALID
@@ -335,16 +346,18 @@ def check_store_load(path, data, mmap, original_table=None):
     (and, for a byte mutation, which the checksum guards, exactly the original table)."""
     write_fresh(path, data)
     try:
-        store = SparseRowStore.load(path, mmap=mmap)
+        with watchdog():
+            store = SparseRowStore.load(path, mmap=mmap)
     except ValueError:
         STORE_CASES["error"] += 1
         return "error"
     STORE_CASES["loaded"] += 1
     n, d = store.num_embeddings, store.embedding_dim
-    table = store.to_dense()
+    with watchdog():
+        table = store.to_dense()
+        bags = store.lookup_bag(torch.arange(n), torch.tensor([0, n // 2]))
     assert table.shape == (n, d) and int((table != 0).sum()) <= store.nnz
     assert int(store.dims_per_row().sum()) == store.nnz
-    bags = store.lookup_bag(torch.arange(n), torch.tensor([0, n // 2]))
     assert bags.shape == (2, d)
     if original_table is not None:
         assert torch.equal(table, original_table)
