@@ -308,6 +308,76 @@ def test_missing_file_stays_file_not_found(tmp_path):
         checkpoint.load(tmp_path)  # a folder
 
 
+# --- run files with a valid checksum but hostile contents -----------------------------------------
+
+def hostile_run_files():
+    """(name, tensors, metadata, expected message) of retrained-model files a writer who knows
+    the format could make: every one is checksummed, so only the content checks can refuse it."""
+    from pep_kernels.modules import MaskedEmbedding
+    from pep_kernels.train.spec import RunSpec
+
+    spec = RunSpec("fm", [3, 4], 2)
+    model = spec.build(MaskedEmbedding(torch.randn(7, 2), torch.rand(7, 2) < 0.5, field_dims=[3, 4]))
+    state = dict(model.state_dict())
+    good = spec.to_dict()
+    return [
+        ("spec not an object", state, {"spec": "fm"}, "run spec must be a JSON object, got str"),
+        ("no spec", state, {"retrain": {}}, "run spec must be a JSON object, got NoneType"),
+        ("spec lacks field_dims", state, {"spec": {"model": "fm", "embedding_dim": 2}}, r"lacks \['field_dims'\]"),
+        ("zero field", state, {"spec": dict(good, field_dims=[0, 7])}, "field_dims must be a non-empty list"),
+        ("bool dim", state, {"spec": dict(good, embedding_dim=True)}, "embedding_dim must be a positive int"),
+        ("unknown field", state, {"spec": dict(good, layers=3)}, r"unknown run spec fields \['layers'\]"),
+        ("unknown model", state, {"spec": dict(good, model="gpt")}, "unknown model 'gpt'"),
+        ("bad model kwargs", state, {"spec": dict(good, model_kwargs={"heads": 2})}, "cannot be built with model_kwargs"),
+        ("fields do not sum to N", state, {"spec": dict(good, field_dims=[3, 5])}, "must equal num_embeddings"),
+        ("no keep mask", {k: v for k, v in state.items() if k != "embedding.keep"}, {"spec": good},
+         "holds no retrained PEP table"),
+        ("misshapen parameter", {**state, "linear.bias": torch.zeros(3)}, {"spec": good},
+         "saved parameters do not fit the fm model"),
+        ("extra parameter", {**state, "extra": torch.zeros(1)}, {"spec": good}, "saved parameters do not fit"),
+    ]
+
+
+def test_hostile_retrained_model_files(tmp_path):
+    from pep_kernels.train.retrain import load_retrained
+
+    names = set()
+    for name, tensors, meta, message in hostile_run_files():
+        path = tmp_path / (name.replace(" ", "-") + ".safetensors")
+        checkpoint.save(path, tensors, meta)
+        with pytest.raises(ValueError, match=message) as error:
+            load_retrained(path)
+        assert str(error.value).startswith(f"{path}: "), str(error.value)
+        names.add(name)
+    assert len(names) == 12
+
+
+def test_hostile_search_run_folders(tmp_path):
+    """A retrain refuses a run folder whose initial state or snapshot does not fit its spec."""
+    from pep_kernels.train.retrain import load_ticket
+    from pep_kernels.train.spec import RunSpec
+
+    spec = RunSpec("fm", [3, 4], 2)
+    torch.manual_seed(0)
+    initial = spec.build(spec.pep_embedding()).state_dict()
+    checkpoint.save(tmp_path / "initial.safetensors", initial, {"spec": spec.to_dict(), "seed": 0})
+    for name, tensors, message in (
+        ("no-weight", {"table": torch.ones(7, 2)}, r"expected a 7 x 2 table 'weight' \(the run spec's\), got none"),
+        ("other-shape", {"weight": torch.ones(7, 3)}, r"expected a 7 x 2 table 'weight'.*got \(7, 3\)"),
+    ):
+        checkpoint.save(tmp_path / f"{name}.safetensors", tensors, {"step": 1})
+        with pytest.raises(ValueError, match=message):
+            load_ticket(tmp_path, f"{name}.safetensors")
+    checkpoint.save(tmp_path / "ok.safetensors", {"weight": torch.ones(7, 2)}, {"step": 1})
+    del initial["embedding.weight"]
+    checkpoint.save(tmp_path / "initial.safetensors", initial, {"spec": spec.to_dict(), "seed": 0})
+    with pytest.raises(ValueError, match="initial.safetensors: expected a 7 x 2 table 'embedding.weight'"):
+        load_ticket(tmp_path, "ok.safetensors")
+    checkpoint.save(tmp_path / "initial.safetensors", initial, {"spec": "fm"})
+    with pytest.raises(ValueError, match="initial.safetensors: the run spec must be a JSON object"):
+        load_ticket(tmp_path, "ok.safetensors")
+
+
 # --- the store reader -------------------------------------------------------------------------------
 
 def store_table():

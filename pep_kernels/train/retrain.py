@@ -14,6 +14,7 @@ exactly the weights and metrics of an uninterrupted run. One folder per retrain:
 of another snapshot or other settings is refused.
 """
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -31,22 +32,46 @@ def load_ticket(run_dir, snapshot, *, rewind=True, seed=0):
     if not (run_dir / "initial.safetensors").is_file():
         raise ValueError(f"{run_dir} is not a search run folder: it has no initial.safetensors")
     initial, meta = checkpoint.load(run_dir / "initial.safetensors")
-    spec = RunSpec.from_dict(meta["spec"])
-    tables, snap_meta = checkpoint.load(run_dir / snapshot if not Path(snapshot).is_absolute() else snapshot)
+    with naming(run_dir / "initial.safetensors"):
+        spec = RunSpec.from_dict(meta.get("spec"))
+    snapshot_path = run_dir / snapshot if not Path(snapshot).is_absolute() else Path(snapshot)
+    tables, snap_meta = checkpoint.load(snapshot_path)
+    shape = (spec.num_embeddings, spec.embedding_dim)
+    for path, tensors, name in ((run_dir / "initial.safetensors", initial, "embedding.weight"),
+                                (snapshot_path, tables, "weight")):
+        if name not in tensors or tuple(tensors[name].shape) != shape:
+            got = tuple(tensors[name].shape) if name in tensors else "none"
+            raise ValueError(f"{path}: expected a {shape[0]} x {shape[1]} table {name!r} (the run spec's), got {got}")
     mask = tables["weight"] != 0
-    if rewind:
-        state = initial
-    else:
-        torch.manual_seed(seed + 1)  # any draw other than the search's
-        state = spec.build(spec.pep_embedding()).state_dict()
-    return masked_model(spec, state["embedding.weight"], mask, state), dict(snap_meta, spec=spec.to_dict())
+    with naming(run_dir / "initial.safetensors"):
+        if rewind:
+            state = initial
+        else:
+            torch.manual_seed(seed + 1)  # any draw other than the search's
+            state = spec.build(spec.pep_embedding()).state_dict()
+        model = masked_model(spec, state["embedding.weight"], mask, state)
+    return model, dict(snap_meta, spec=spec.to_dict())
+
+
+@contextlib.contextmanager
+def naming(path):
+    """A ValueError raised inside (a run file's contents that do not fit) names the file."""
+    try:
+        yield
+    except ValueError as e:
+        if str(path) in str(e):
+            raise
+        raise ValueError(f"{path}: {e}") from None
 
 
 def masked_model(spec, weight, mask, state):
     """The spec's model over MaskedEmbedding(weight, mask), every other parameter from `state`."""
     model = spec.build(MaskedEmbedding(weight, mask, field_dims=spec.field_dims))
     others = {k: v for k, v in state.items() if not k.startswith("embedding.")}
-    missing, unexpected = model.load_state_dict(others, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(others, strict=False)
+    except RuntimeError as e:  # a saved parameter of another shape
+        raise ValueError(f"saved parameters do not fit the {spec.model} model: {str(e)[:500]}") from None
     leftover = [k for k in missing if not k.startswith("embedding.")]
     if leftover or unexpected:
         raise ValueError(f"saved parameters do not match the {spec.model} model: missing {leftover}, "
@@ -89,9 +114,14 @@ def retrain(run_dir, snapshot, train, val, test, *, rewind=True, epochs=10, pati
 def load_retrained(path):
     """A model written by `retrain(save_path=...)`, and its metadata."""
     state, meta = checkpoint.load(path)
-    spec = RunSpec.from_dict(meta["spec"])
-    if "embedding.weight" not in state or "embedding.keep" not in state:
-        raise ValueError(f"{path} holds no retrained PEP table (embedding.weight and embedding.keep)")
-    model = spec.build(MaskedEmbedding(state["embedding.weight"], state["embedding.keep"], field_dims=spec.field_dims))
-    model.load_state_dict(state)
+    with naming(path):
+        spec = RunSpec.from_dict(meta.get("spec"))
+        if "embedding.weight" not in state or "embedding.keep" not in state:
+            raise ValueError("it holds no retrained PEP table (embedding.weight and embedding.keep)")
+        model = spec.build(MaskedEmbedding(state["embedding.weight"], state["embedding.keep"],
+                                           field_dims=spec.field_dims))
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:  # missing, unexpected or misshapen parameters
+            raise ValueError(f"the saved parameters do not fit the {spec.model} model: {str(e)[:500]}") from None
     return model, meta
