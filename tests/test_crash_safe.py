@@ -293,9 +293,9 @@ def uninterrupted_retrain(uninterrupted, tmp_path_factory):
 # so CI runs one, killed at a random moment; HYPOTHESIS_PROFILE=long adds five more random kills,
 # a half-written checkpoint and a kill before the rename of the retrained model (every epoch
 # done: the resume only restores the best weights and writes it).
-RETRAIN_KILLS = [("random", 99)] + ([("random", seed) for seed in range(RANDOM_KILLS - 1)]
-                                    + [("write", "checkpoint", 30, "partial"), ("write", "retrained", 1, "before_replace")]
-                                    if RANDOM_KILLS > 1 else [])
+RETRAIN_KILLS = ([("write", "checkpoint", 2, "partial")] if RANDOM_KILLS > 1 else []) + [("random", 99)] \
+    + ([("random", seed) for seed in range(RANDOM_KILLS - 1)] + [("write", "retrained", 1, "before_replace")]
+       if RANDOM_KILLS > 1 else [])
 
 
 def test_killed_retrain_resumes_to_the_same_run(uninterrupted, uninterrupted_retrain, tmp_path):

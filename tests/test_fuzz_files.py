@@ -468,8 +468,11 @@ def apply_structural(meta, offsets, payload, edits):
     for edit in edits:
         op = edit[0]
         if op == "offset" and offsets.numel():
-            info = torch.iinfo(offsets.dtype) if not offsets.is_floating_point() else None
-            value = edit[2] if info is None else min(max(edit[2], info.min), info.max)
+            if offsets.is_floating_point():
+                value = float(edit[2])
+            else:
+                info = torch.iinfo(offsets.dtype)
+                value = min(max(edit[2], info.min), info.max)
             offsets[edit[1] % offsets.numel()] = value
         elif op == "offset_shift" and offsets.numel():
             offsets[edit[1] % offsets.numel()] += edit[2]
