@@ -246,7 +246,8 @@ class MaskedEmbedding(_FieldTable):
         self._set_field_dims(field_dims, weight.shape[0], weight.device)
         self.num_embeddings, self.embedding_dim = weight.shape
         self.register_buffer("keep", mask.to(torch.bool))
-        self.weight = nn.Parameter(weight.detach() * self.keep)
+        # where, not weight * keep: that product makes a float copy of the mask first (2x the table)
+        self.weight = nn.Parameter(torch.where(self.keep, weight.detach(), 0.0))
 
     def forward(self, indices):
         if self.field_dims is not None:
@@ -257,7 +258,7 @@ class MaskedEmbedding(_FieldTable):
 
     @torch.no_grad()
     def pruned_rows(self, start, end):
-        return self.weight[start:end] * self.keep[start:end]
+        return torch.where(self.keep[start:end], self.weight[start:end], 0.0)
 
     def mask(self):
         """The fixed mask (an entry it keeps may still have trained to exactly zero)."""

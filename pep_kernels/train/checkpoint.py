@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 
 def checksum(meta_text, tensors):
@@ -68,7 +68,9 @@ def load(path):
     """(tensors, meta) of a file written by `save`; ValueError for anything else or a damaged file."""
     path = Path(path)
     try:
-        with safe_open(str(path), framework="pt") as f:
+        # pread, not mmap: the tensors are read into memory once, without the file's pages
+        # counting in the process's memory on top of them (a retrained model is read to export it)
+        with safe_open(str(path), framework="pt", device="cpu", backend="pread") as f:
             meta = (f.metadata() or {}).get("pep_kernels")
             stored_checksum = (f.metadata() or {}).get("pep_kernels_checksum")
             for name in f.keys():
@@ -77,7 +79,7 @@ def load(path):
                 shape = f.get_slice(name).get_shape()
                 if math.prod(max(n, 1) for n in shape) >= 2**63:
                     raise ValueError(f"tensor {name!r} has shape {shape}, beyond int64")
-        tensors = load_file(str(path))
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
         if isinstance(e, FileNotFoundError):
             raise

@@ -120,8 +120,8 @@ def load_retrained(path):
             raise ValueError("it holds no retrained PEP table (embedding.weight and embedding.keep)")
         model = spec.build(MaskedEmbedding(state["embedding.weight"], state["embedding.keep"],
                                            field_dims=spec.field_dims))
-        try:
-            model.load_state_dict(state)
+        try:  # assign: the model takes the loaded tensors, its own copy of the table is freed
+            model.load_state_dict(state, assign=True)
         except RuntimeError as e:  # missing, unexpected or misshapen parameters
             raise ValueError(f"the saved parameters do not fit the {spec.model} model: {str(e)[:500]}") from None
     return model, meta
