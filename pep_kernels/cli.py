@@ -77,12 +77,14 @@ def cmd_retrain(args):
     _, (train, val, test) = _splits(args)
     snapshots = args.snapshot or sorted(p.name for p in Path(args.run).glob("snapshot-step*.safetensors"))[1:]
     if not snapshots:
-        raise SystemExit(f"pep retrain: {args.run} has no snapshot past step 0")
+        raise ValueError(f"{args.run} has no snapshot past step 0")
     for snapshot in snapshots:
         out = Path(args.run) / f"retrained-{Path(snapshot).stem}{'-control' if args.control else ''}.safetensors"
+        checkpoints = (args.checkpoint_dir or Path(args.run) / "retrain-checkpoints") / out.stem
         result = retrain(args.run, snapshot, train, val, test, rewind=not args.control, epochs=args.epochs,
                          patience=args.patience, lr=args.lr, weight_decay=args.weight_decay,
-                         batch_size=args.batch_size, seed=args.seed, device=args.device, save_path=out, log=log)
+                         batch_size=args.batch_size, seed=args.seed, device=args.device, save_path=out,
+                         checkpoint_dir=checkpoints, checkpoint_every=args.checkpoint_every, log=log)
         print(json.dumps(result))
 
 
@@ -176,6 +178,10 @@ def main(argv=None):
     p.add_argument("--snapshot", nargs="*", help="snapshot files in the run (default: every one past step 0)")
     p.add_argument("--control", action="store_true", help="random re-initialisation instead of the winning ticket")
     p.add_argument("--patience", type=int, default=2)
+    p.add_argument("--checkpoint-dir", type=Path,
+                   help="where each retrain checkpoints, in a folder of its own, and resumes from "
+                        "(default: RUN/retrain-checkpoints)")
+    p.add_argument("--checkpoint-every", type=int, default=1000, help="checkpoint every N steps (and every epoch)")
     p.set_defaults(handler=cmd_retrain)
 
     p = commands.add_parser("evaluate", help="test AUC and log-loss of a retrained model")
@@ -212,12 +218,61 @@ def main(argv=None):
     p.set_defaults(handler=cmd_demo)
 
     args = parser.parse_args(argv)
-    if getattr(args, "epochs", 1) < 0 or (args.command != "evaluate" and getattr(args, "epochs", 1) < 1):
-        parser.error(f"--epochs must be >= 1, got {args.epochs}")
+    _check_options(parser, args)
     try:
         args.handler(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # OSError: a file that cannot be read or written
         parser.exit(2, f"pep {args.command}: error: {e}\n")
+
+
+def _check_options(parser, args):
+    """Option values that would fail deep inside a command end it here, naming the option."""
+    import math
+
+    import torch
+
+    def fail(message):
+        parser.exit(2, f"pep {args.command}: error: {message}\n")
+
+    def option(name):
+        return "--" + name.replace("_", "-")
+
+    if getattr(args, "epochs", 1) < 0 or (args.command != "evaluate" and getattr(args, "epochs", 1) < 1):
+        fail(f"--epochs must be >= 1, got {args.epochs}")
+    for name in ("batch_size", "embedding_dim", "count_every", "patience", "checkpoint_every"):
+        if getattr(args, name, 1) < 1:
+            fail(f"{option(name)} must be >= 1, got {getattr(args, name)}")
+    if getattr(args, "seed", 0) < 0:
+        fail(f"--seed must be >= 0, got {args.seed}")
+    numbers = {"lr": (lambda v: v > 0, "> 0"), "weight_decay": (lambda v: v >= 0, ">= 0"),
+               "threshold_init": (lambda v: True, "")}
+    for name, (ok, what) in numbers.items():
+        value = getattr(args, name, None)
+        if value is not None and not (math.isfinite(value) and ok(value)):
+            fail(f"{option(name)} must be a finite number {what}, got {value}".replace(" ,", ","))
+    if getattr(args, "device", None) is not None:
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            fail(f"--device must be cpu or cuda[:N], got {args.device!r}")
+        if device.type not in ("cpu", "cuda"):
+            fail(f"--device must be cpu or cuda[:N], got {args.device!r}")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            fail(f"--device {args.device}: no CUDA device is available")
+    for name in ("model_file", "store"):  # files that must exist
+        path = getattr(args, name, None)
+        if path is not None and not path.is_file():
+            fail(f"{option(name)} {path}: " + ("is a folder, expected a file" if path.is_dir() else "no such file"))
+    folders = {"run": True, "cache_dir": False, "checkpoint_dir": False}  # name: must exist
+    if args.command in ("search", "demo"):
+        folders["out"] = False
+    for name, must_exist in folders.items():
+        path = getattr(args, name, None)
+        if path is None or path.is_dir() or (not must_exist and not path.exists()):
+            continue
+        fail(f"{option(name)} {path}: " + ("is a file, expected a folder" if path.exists() else "no such folder"))
+    if args.command == "export" and args.out.is_dir():
+        fail(f"--out {args.out}: is a folder, expected the store file to write")
 
 
 if __name__ == "__main__":

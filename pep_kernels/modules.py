@@ -27,6 +27,33 @@ class _FieldTable(nn.Module):
             raise ValueError(f"sum(field_dims) = {sum(field_dims)} must equal num_embeddings = {num_rows}")
         self.register_buffer("field_dims", torch.tensor(field_dims, device=device), persistent=False)
 
+    BLOCK_ENTRIES = 1 << 22  # entries of a block of `pruned_row_blocks` (16 MiB of fp32)
+
+    def pruned_rows(self, start, end):
+        """Rows start..end-1 of the pruned table (no autograd)."""
+        raise NotImplementedError
+
+    def pruned_row_blocks(self, entries=None):
+        """The pruned table block by block, as (start, end, rows start..end-1) of about `entries`
+        (default `BLOCK_ENTRIES`) entries each: what exports a big table without a temporary of
+        the table's size."""
+        # Whole multiples of 64 rows: each block starts where torch's vectorised loops over the
+        # whole table would be at a vector boundary, so blocks compute bitwise what one pass would.
+        step = max(64, (entries or self.BLOCK_ENTRIES) // self.embedding_dim // 64 * 64)
+        for start in range(0, self.num_embeddings, step):
+            end = min(start + step, self.num_embeddings)
+            yield start, end, self.pruned_rows(start, end)
+
+    def pruned_weight(self):
+        """The whole pruned table, (N, d) (no autograd), built block by block: its only
+        temporaries are a block's."""
+        table = None
+        for start, end, rows in self.pruned_row_blocks():
+            if table is None:
+                table = rows.new_empty((self.num_embeddings, self.embedding_dim))
+            table[start:end] = rows
+        return table
+
     def mask(self):
         """Boolean (N, d): the entries of the pruned table that are non-zero."""
         return self.pruned_weight() != 0
@@ -164,12 +191,25 @@ class PEPEmbedding(_FieldTable):
         self._catch_up(indices.reshape(-1).long())
         return optim_ops.FusedStepFunction.apply(indices, self.weight, self.threshold, self, self._kernel_backend())
 
-    @torch.no_grad()
-    def pruned_weight(self):
-        """The whole soft-thresholded table S(V, s), shape (N, d)."""
+    def pruned_row_blocks(self, entries=None):
         self.sync()
-        field_dims = None if self.field_dims is None else self.field_dims.tolist()
-        return reference.soft_threshold(self.weight, self.threshold, self.threshold_mode, self.gk, field_dims)
+        yield from super().pruned_row_blocks(entries)
+
+    @torch.no_grad()
+    def pruned_rows(self, start, end):
+        """Rows start..end-1 of S(V, s), by the eager reference's formula (bitwise its
+        `soft_threshold` rows). Call `sync()` first under a `fast` optimizer (`pruned_row_blocks` does)."""
+        row_source, _ = mode_layout(self.threshold_mode)
+        threshold = self.threshold.detach()
+        if row_source == PER_ROW:
+            threshold = threshold[start:end]
+        elif row_source == PER_FIELD:
+            ends = torch.cumsum(self.field_dims, 0)
+            rows = torch.arange(start, end, device=ends.device)
+            threshold = threshold[torch.searchsorted(ends, rows, right=True)]
+        weight = self.weight.detach()[start:end]
+        compute = torch.promote_types(weight.dtype, torch.float32)
+        return reference.soft_threshold_values(weight.to(compute), threshold.to(compute), self.gk).to(weight.dtype)
 
     def nnz(self):
         """Number of non-zero entries of the pruned table (C++ kernel on CPU: no table copy)."""
@@ -206,7 +246,8 @@ class MaskedEmbedding(_FieldTable):
         self._set_field_dims(field_dims, weight.shape[0], weight.device)
         self.num_embeddings, self.embedding_dim = weight.shape
         self.register_buffer("keep", mask.to(torch.bool))
-        self.weight = nn.Parameter(weight.detach() * self.keep)
+        # where, not weight * keep: that product makes a float copy of the mask first (2x the table)
+        self.weight = nn.Parameter(torch.where(self.keep, weight.detach(), 0.0))
 
     def forward(self, indices):
         if self.field_dims is not None:
@@ -216,8 +257,8 @@ class MaskedEmbedding(_FieldTable):
         return F.embedding(indices, self.weight) * F.embedding(indices, self.keep).to(self.weight.dtype)
 
     @torch.no_grad()
-    def pruned_weight(self):
-        return self.weight * self.keep
+    def pruned_rows(self, start, end):
+        return torch.where(self.keep[start:end], self.weight[start:end], 0.0)
 
     def mask(self):
         """The fixed mask (an entry it keeps may still have trained to exactly zero)."""
@@ -252,9 +293,9 @@ class PrunedEmbedding(_FieldTable):
         return self.store(indices)
 
     @torch.no_grad()
-    def pruned_weight(self):
-        """The store's table decoded to dense float32, (N, d)."""
-        return self.store.to_dense()
+    def pruned_rows(self, start, end):
+        """Rows of the store's table decoded to dense float32."""
+        return self.store.lookup(torch.arange(start, end, device=self.store.payload.device))
 
     def nnz(self):
         """Entries the store holds (no dense table is made)."""

@@ -36,6 +36,7 @@ MAX_DIM = 65536  # csrc/store_format.h kMaxDim
 FORMAT = "pep_kernels.SparseRowStore"
 VERSION = 1
 _INT32_MAX = 2**31 - 1
+BLOCK_ENTRIES = 1 << 22  # entries encoded at a time by from_dense (16 MiB of fp32)
 
 _ops = torch.ops.pep_kernels
 
@@ -105,35 +106,66 @@ class SparseRowStore(nn.Module):
             raise TypeError(f"weight must be a floating-point tensor, got {got}")
         if weight.dim() != 2 or weight.shape[0] < 1 or not 1 <= weight.shape[1] <= MAX_DIM:
             raise ValueError(f"weight must be (N, d) with N >= 1 and 1 <= d <= {MAX_DIM}, got {tuple(weight.shape)}")
-        _check_choice("values", values, tuple(VALUE_BYTES))
-        _check_choice("encoding", encoding, ("auto", *ENCODINGS))
-        source = weight.detach().cpu()
-        dense = source.float()
-        if values != "fp32":
-            finite = torch.isfinite(dense)
-            if not bool(finite.all()):
-                raise ValueError(f"{values} values need a finite table; it holds {int((~finite).sum())} inf or "
-                                 "NaN entries")
-            if values in VALUE_DTYPES and not bool(torch.isfinite(dense.to(VALUE_DTYPES[values])).all()):
-                raise ValueError(f"the table holds values beyond the {values} range "
-                                 f"(max |w| = {float(dense.abs().max())})")
-        row_dims = (dense != 0).sum(1)
-        dim = dense.shape[1]
-        candidates = ENCODINGS if encoding == "auto" else (encoding,)
-        sizes = {e: sum(component_bytes(row_dims, dim, values, e, 4).values()) for e in candidates}
-        encoding = min(sizes, key=sizes.get)
-        payload_bytes = sizes[encoding] - (row_dims.numel() + 1) * 4
-        offsets, payload = _ops.store_encode(dense, encoding, values, payload_bytes > _INT32_MAX)
-        store = cls(offsets, payload, embedding_dim=dim, values=values, encoding=encoding)
-        if values != "fp32" or source.dtype != torch.float32:
-            store.max_error = float((store.to_dense().double() - source.double()).abs().max())
-        return store
+        source = weight.detach()
+        step = max(1, BLOCK_ENTRIES // source.shape[1])
+
+        def blocks():
+            for start in range(0, source.shape[0], step):
+                yield start, min(start + step, source.shape[0]), source[start:start + step]
+
+        return cls._from_row_blocks(source.shape[0], source.shape[1], blocks, values, encoding)
 
     @classmethod
     def from_module(cls, module, values="fp32", encoding="auto"):
         """The store of a table module's pruned table (`PEPEmbedding`, `MaskedEmbedding`: anything
-        with `pruned_weight()`)."""
-        return cls.from_dense(module.pruned_weight(), values=values, encoding=encoding)
+        with `pruned_row_blocks()`), built block by block: no dense pruned copy of the table."""
+        return cls._from_row_blocks(module.num_embeddings, module.embedding_dim, module.pruned_row_blocks, values,
+                                    encoding)
+
+    @classmethod
+    def _from_row_blocks(cls, num_rows, dim, blocks, values, encoding):
+        """The store of the table that `blocks()` yields as (start, end, rows start..end-1), in
+        order. Three passes (row sizes and checks, encoding, the error of lossy values), each
+        holding one block at a time: the memory is the store's and a block's."""
+        _check_choice("values", values, tuple(VALUE_BYTES))
+        _check_choice("encoding", encoding, ("auto", *ENCODINGS))
+        row_dims = torch.empty(num_rows, dtype=torch.int64)
+        nonfinite, beyond_range, all_fp32 = 0, 0.0, True
+        for start, end, rows in blocks():
+            if not rows.is_floating_point():
+                raise TypeError(f"weight must be a floating-point tensor, got {rows.dtype}")
+            all_fp32 &= rows.dtype == torch.float32
+            dense = rows.cpu().float()
+            if values != "fp32":
+                finite = torch.isfinite(dense)
+                nonfinite += int((~finite).sum())
+                if values in VALUE_DTYPES and nonfinite == 0 and not bool(torch.isfinite(dense.to(VALUE_DTYPES[values])).all()):
+                    beyond_range = max(beyond_range, float(dense.abs().max()))
+            row_dims[start:end] = (dense != 0).sum(1)
+        if nonfinite:
+            raise ValueError(f"{values} values need a finite table; it holds {nonfinite} inf or NaN entries")
+        if beyond_range:
+            raise ValueError(f"the table holds values beyond the {values} range (max |w| = {beyond_range})")
+        candidates = ENCODINGS if encoding == "auto" else (encoding,)
+        sizes = {e: sum(component_bytes(row_dims, dim, values, e, 4).values()) for e in candidates}
+        encoding = min(sizes, key=sizes.get)
+        payload_bytes = sizes[encoding] - (num_rows + 1) * 4
+        del row_dims
+        offsets = torch.zeros(num_rows + 1, dtype=torch.int64 if payload_bytes > _INT32_MAX else torch.int32)
+        payload = torch.empty(payload_bytes, dtype=torch.uint8)
+        written = 0
+        for start, end, rows in blocks():  # rows are independent byte ranges: blocks encode apart
+            block_offsets, block_payload = _ops.store_encode(rows.cpu().float(), encoding, values, True)
+            payload[written:written + block_payload.numel()] = block_payload
+            offsets[start + 1:end + 1] = block_offsets[1:] + written
+            written += block_payload.numel()
+        if written != payload_bytes:
+            raise RuntimeError(f"the table changed while it was encoded ({written} bytes, {payload_bytes} planned)")
+        store = cls(offsets, payload, embedding_dim=dim, values=values, encoding=encoding)
+        if values != "fp32" or not all_fp32:
+            store.max_error = max(float((store.lookup(torch.arange(start, end)).double() - rows.cpu().double())
+                                        .abs().max()) for start, end, rows in blocks())
+        return store
 
     @property
     def nbytes(self):
@@ -266,8 +298,11 @@ class SparseRowStore(nn.Module):
                              f"{tuple(payload.shape)}")
         if checksum(meta, offsets, payload) != meta["checksum"]:
             raise ValueError(f"{path}: checksum mismatch, the file is corrupted")
-        store = cls(offsets, payload, embedding_dim=meta["embedding_dim"], values=meta["values"],
-                    encoding=meta["encoding"], max_error=meta["max_error"])
+        try:
+            store = cls(offsets, payload, embedding_dim=meta["embedding_dim"], values=meta["values"],
+                        encoding=meta["encoding"], max_error=meta["max_error"])
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
         if store.nnz != meta["nnz"]:
             raise ValueError(f"{path}: the rows hold {store.nnz} entries, the metadata says {meta['nnz']}")
         return store.to(device)

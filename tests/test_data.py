@@ -243,6 +243,17 @@ def test_movielens_1m_errors_name_file_and_line(tmp_path):
         load_movielens_1m(directory)
 
 
+def test_folder_given_for_a_file_and_file_for_a_folder(tmp_path):
+    with pytest.raises(ValueError, match="criteo data file .* is a folder; expected the data file itself"):
+        load_criteo(tmp_path)
+    with pytest.raises(ValueError, match="avazu data file .* is a folder; expected the data file itself"):
+        load_avazu(tmp_path)
+    with pytest.raises(FileNotFoundError, match="avazu data file not found"):
+        load_avazu(tmp_path / "missing")
+    with pytest.raises(ValueError, match="needs the folder of the unzipped ml-1m archive; .* is a file"):
+        load_movielens_1m(write(tmp_path / "ratings.dat", ["1::1::5::1\n"]))
+
+
 def test_movielens_100k_from_recbole():
     try:
         movielens_100k_dir()  # finds recbole with importlib.util.find_spec, without importing it

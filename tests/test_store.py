@@ -162,6 +162,42 @@ def test_bad_tables_and_options():
     assert torch.equal(SparseRowStore.from_dense(special).to_dense(), special)
 
 
+@pytest.mark.parametrize("values, encoding", [("fp32", "columns"), ("int8", "bitmask"), ("bf16", "columns")])
+def test_stores_built_block_by_block_equal_one_block(monkeypatch, values, encoding):
+    """from_dense and from_module encode a few rows at a time (no dense copy of a big table):
+    the blocks' offsets and payloads join into exactly the one-block store."""
+    table = pruned_table(50, 17, density=0.3).double()
+    whole = SparseRowStore.from_dense(table, values=values, encoding=encoding)
+    monkeypatch.setattr("pep_kernels.store.BLOCK_ENTRIES", 40)  # blocks of 2 rows
+    blocks = SparseRowStore.from_dense(table, values=values, encoding=encoding)
+    assert torch.equal(blocks.offsets, whole.offsets) and torch.equal(blocks.payload, whole.payload)
+    assert blocks.max_error == whole.max_error
+    emb = PEPEmbedding(150, 17, threshold_mode="feature", threshold_init=-1.5, field_dims=[20, 130])
+    masked = MaskedEmbedding(torch.randn(150, 17), torch.rand(150, 17) < 0.3)
+    for module in (emb, masked):
+        expected = SparseRowStore.from_dense(module.pruned_weight(), values=values, encoding=encoding)
+        monkeypatch.setattr(type(module), "BLOCK_ENTRIES", 1)  # blocks of 64 rows
+        store = SparseRowStore.from_module(module, values=values, encoding=encoding)
+        assert torch.equal(store.offsets, expected.offsets) and torch.equal(store.payload, expected.payload)
+        assert store.max_error == expected.max_error
+
+
+@pytest.mark.parametrize("mode", ["global", "dimension", "feature", "feature_dim", "field", "field_dim"])
+def test_pruned_weight_block_by_block_is_the_reference(monkeypatch, mode):
+    from pep_kernels import reference
+
+    """Blocks of 64 rows (the least), across field boundaries, are bitwise the reference's one pass."""
+    fields = [70, 60, 70]
+    emb = PEPEmbedding(200, 6, threshold_mode=mode, threshold_init=-1.0, field_dims=fields)
+    with torch.no_grad():
+        emb.threshold.uniform_(-3, 0)
+        emb.weight.mul_(50)
+    monkeypatch.setattr(PEPEmbedding, "BLOCK_ENTRIES", 1)
+    expected = reference.soft_threshold(emb.weight, emb.threshold, mode, emb.gk, fields)
+    assert 0 < int((expected != 0).sum()) < expected.numel()
+    assert torch.equal(emb.pruned_weight(), expected)
+
+
 def test_float64_tables_report_their_rounding():
     table = pruned_table(9, 5).double() / 3
     store = SparseRowStore.from_dense(table)

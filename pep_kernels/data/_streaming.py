@@ -80,6 +80,8 @@ def encode_ctr_file(path, line_format, min_count, cache_dir, max_rows, on_error)
     if on_error not in ON_ERROR_CHOICES:
         raise ValueError(f"on_error must be one of {ON_ERROR_CHOICES}, got {on_error!r}")
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{line_format.name} data file {path} is a folder; expected the data file itself")
     if not path.is_file():
         raise FileNotFoundError(f"{line_format.name} data file not found: {path}")
     stat = path.stat()

@@ -46,6 +46,8 @@ def load_avazu(path, min_count=10, cache_dir=None, max_rows=None, on_error="rais
     line numbers count the header as line 1. A header that is not Avazu's raises ValueError
     whatever ``on_error`` says, since no line of such a file could be read correctly.
     """
+    if Path(path).is_dir():
+        raise ValueError(f"avazu data file {path} is a folder; expected the data file itself")
     if not Path(path).is_file():
         raise FileNotFoundError(f"avazu data file not found: {path}")
     return encode_ctr_file(path, _avazu_format(path), min_count, cache_dir, max_rows, on_error)

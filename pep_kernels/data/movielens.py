@@ -91,6 +91,8 @@ def load_movielens_1m(directory, include_ids=False) -> CTRData:
     them in front). The year comes from the title's trailing "(YYYY)".
     """
     directory = Path(directory)
+    if directory.is_file():
+        raise ValueError(f"MovieLens-1M needs the folder of the unzipped ml-1m archive; {directory} is a file")
     ratings_path, users_path, items_path = (directory / name for name in ML1M_FILES)
     missing = [path.name for path in (ratings_path, users_path, items_path) if not path.is_file()]
     if missing:

@@ -6,8 +6,15 @@ weights times the mask and every other parameter to its step-0 value, both read 
 control re-initialises everything randomly under the same mask. Training uses the search's
 optimizer and keeps the epoch with the best validation AUC, stopping after `patience` epochs
 without improvement; the test split is scored once, with that epoch's weights.
+
+With `checkpoint_dir`, the retrain is resumable: `fit` writes `checkpoint.safetensors` there
+(model, optimizer, RNG, best epoch so far, progress) every `checkpoint_every` steps and after
+every epoch, and calling `retrain` again with the same arguments resumes from it and ends with
+exactly the weights and metrics of an uninterrupted run. One folder per retrain: a checkpoint
+of another snapshot or other settings is refused.
 """
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -22,23 +29,49 @@ from .spec import RunSpec
 def load_ticket(run_dir, snapshot, *, rewind=True, seed=0):
     """The retrain model of a snapshot, not yet trained, and the snapshot's metadata."""
     run_dir = Path(run_dir)
+    if not (run_dir / "initial.safetensors").is_file():
+        raise ValueError(f"{run_dir} is not a search run folder: it has no initial.safetensors")
     initial, meta = checkpoint.load(run_dir / "initial.safetensors")
-    spec = RunSpec.from_dict(meta["spec"])
-    tables, snap_meta = checkpoint.load(run_dir / snapshot if not Path(snapshot).is_absolute() else snapshot)
+    with naming(run_dir / "initial.safetensors"):
+        spec = RunSpec.from_dict(meta.get("spec"))
+    snapshot_path = run_dir / snapshot if not Path(snapshot).is_absolute() else Path(snapshot)
+    tables, snap_meta = checkpoint.load(snapshot_path)
+    shape = (spec.num_embeddings, spec.embedding_dim)
+    for path, tensors, name in ((run_dir / "initial.safetensors", initial, "embedding.weight"),
+                                (snapshot_path, tables, "weight")):
+        if name not in tensors or tuple(tensors[name].shape) != shape:
+            got = tuple(tensors[name].shape) if name in tensors else "none"
+            raise ValueError(f"{path}: expected a {shape[0]} x {shape[1]} table {name!r} (the run spec's), got {got}")
     mask = tables["weight"] != 0
-    if rewind:
-        state = initial
-    else:
-        torch.manual_seed(seed + 1)  # any draw other than the search's
-        state = spec.build(spec.pep_embedding()).state_dict()
-    return masked_model(spec, state["embedding.weight"], mask, state), dict(snap_meta, spec=spec.to_dict())
+    with naming(run_dir / "initial.safetensors"):
+        if rewind:
+            state = initial
+        else:
+            torch.manual_seed(seed + 1)  # any draw other than the search's
+            state = spec.build(spec.pep_embedding()).state_dict()
+        model = masked_model(spec, state["embedding.weight"], mask, state)
+    return model, dict(snap_meta, spec=spec.to_dict())
+
+
+@contextlib.contextmanager
+def naming(path):
+    """A ValueError raised inside (a run file's contents that do not fit) names the file."""
+    try:
+        yield
+    except ValueError as e:
+        if str(path) in str(e):
+            raise
+        raise ValueError(f"{path}: {e}") from None
 
 
 def masked_model(spec, weight, mask, state):
     """The spec's model over MaskedEmbedding(weight, mask), every other parameter from `state`."""
     model = spec.build(MaskedEmbedding(weight, mask, field_dims=spec.field_dims))
     others = {k: v for k, v in state.items() if not k.startswith("embedding.")}
-    missing, unexpected = model.load_state_dict(others, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(others, strict=False)
+    except RuntimeError as e:  # a saved parameter of another shape
+        raise ValueError(f"saved parameters do not fit the {spec.model} model: {str(e)[:500]}") from None
     leftover = [k for k in missing if not k.startswith("embedding.")]
     if leftover or unexpected:
         raise ValueError(f"saved parameters do not match the {spec.model} model: missing {leftover}, "
@@ -47,13 +80,26 @@ def masked_model(spec, weight, mask, state):
 
 
 def retrain(run_dir, snapshot, train, val, test, *, rewind=True, epochs=10, patience=2, seed=0, device="cpu",
-            save_path=None, log=print, **optim):
+            save_path=None, checkpoint_dir=None, checkpoint_every=1000, log=print, **optim):
     """Retrains a snapshot; `train`, `val`, `test` are (x, y) pairs; `optim` as `fit`'s
     (lr, weight_decay, batch_size, clip_norm), the search's by default. Returns the metrics and,
-    with `save_path`, writes the retrained model there (read it back with `load_retrained`)."""
+    with `save_path`, writes the retrained model there (read it back with `load_retrained`).
+    With `checkpoint_dir`, checkpoints there and resumes from an existing checkpoint."""
     model, meta = load_ticket(run_dir, snapshot, rewind=rewind, seed=seed)
+    checkpoint_path = None
+    if checkpoint_dir is not None:
+        checkpoint_dir = Path(checkpoint_dir)
+        if checkpoint_dir.exists() and not checkpoint_dir.is_dir():
+            raise ValueError(f"checkpoint folder {checkpoint_dir} is a file, not a folder")
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint_path = checkpoint_dir / "checkpoint.safetensors"
+        checkpoint.remove_stale_temporaries(checkpoint_dir, [checkpoint_path.name])
+    if save_path is not None and Path(save_path).parent.is_dir():
+        checkpoint.remove_stale_temporaries(Path(save_path).parent, [Path(save_path).name])
+    run = {"spec": meta["spec"], "snapshot": Path(snapshot).name, "snapshot_step": meta.get("step"),
+           "snapshot_nnz": meta.get("nnz"), "rewind": rewind}
     best = fit(model, train, val, epochs=epochs, patience=patience, seed=seed, device=device, log=log,
-               desc="retrain", **optim)
+               desc="retrain", checkpoint_path=checkpoint_path, checkpoint_every=checkpoint_every, run=run, **optim)
     test_score = evaluate(model, *test, device=device)
     result = {
         "snapshot": str(snapshot), "rewind": rewind, "nnz": model.embedding.nnz(),
@@ -68,9 +114,14 @@ def retrain(run_dir, snapshot, train, val, test, *, rewind=True, epochs=10, pati
 def load_retrained(path):
     """A model written by `retrain(save_path=...)`, and its metadata."""
     state, meta = checkpoint.load(path)
-    spec = RunSpec.from_dict(meta["spec"])
-    if "embedding.weight" not in state or "embedding.keep" not in state:
-        raise ValueError(f"{path} holds no retrained PEP table (embedding.weight and embedding.keep)")
-    model = spec.build(MaskedEmbedding(state["embedding.weight"], state["embedding.keep"], field_dims=spec.field_dims))
-    model.load_state_dict(state)
+    with naming(path):
+        spec = RunSpec.from_dict(meta.get("spec"))
+        if "embedding.weight" not in state or "embedding.keep" not in state:
+            raise ValueError("it holds no retrained PEP table (embedding.weight and embedding.keep)")
+        model = spec.build(MaskedEmbedding(state["embedding.weight"], state["embedding.keep"],
+                                           field_dims=spec.field_dims))
+        try:  # assign: the model takes the loaded tensors, its own copy of the table is freed
+            model.load_state_dict(state, assign=True)
+        except RuntimeError as e:  # missing, unexpected or misshapen parameters
+            raise ValueError(f"the saved parameters do not fit the {spec.model} model: {str(e)[:500]}") from None
     return model, meta

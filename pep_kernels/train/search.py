@@ -31,6 +31,7 @@ from .loop import epoch_order, make_optimizer, train_steps
 from .spec import RunSpec
 
 TRAINING_MODES = Adam.MODES
+RUN_FILES = ("initial.safetensors", "checkpoint.safetensors", "snapshot-step*.safetensors", "search.json")
 
 
 def budget_counts(budgets, table_size):
@@ -67,6 +68,8 @@ def search(spec, x, y, out_dir, budgets, *, epochs=10, lr=1e-3, weight_decay=1e-
     if isinstance(count_every, bool) or not isinstance(count_every, int) or count_every < 1:
         raise ValueError(f"count_every must be a positive int, got {count_every!r}")
     out_dir, device = Path(out_dir), torch.device(device)
+    if out_dir.is_dir():  # leftovers of writes killed before their rename (this run's files only)
+        checkpoint.remove_stale_temporaries(out_dir, RUN_FILES)
     torch.manual_seed(seed)
     table_optimizer = Adam(lr=lr, weight_decay=weight_decay, mode=training)
     model = spec.build(spec.pep_embedding(backend, optimizer=table_optimizer)).to(device)

@@ -26,14 +26,44 @@ class RunSpec:
                             optimizer=optimizer)
 
     def build(self, embedding):
-        return build_model(self.model, self.field_dims, embedding, **self.model_kwargs)
+        try:
+            return build_model(self.model, self.field_dims, embedding, **self.model_kwargs)
+        except TypeError as e:  # model_kwargs the model does not take
+            raise ValueError(f"model {self.model!r} cannot be built with model_kwargs {self.model_kwargs}: {e}") from None
 
     def to_dict(self):
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d):
+        """The spec saved in a run file (untrusted): ValueError naming the first bad field."""
+        if not isinstance(d, dict):
+            raise ValueError(f"the run spec must be a JSON object, got {type(d).__name__}")
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"unknown run spec fields {sorted(unknown)}")
+        missing = [name for name in ("model", "field_dims", "embedding_dim") if name not in d]
+        if missing:
+            raise ValueError(f"the run spec lacks {missing}")
+
+        def positive_int(value):
+            return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+        def number(value):
+            return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+        checks = {
+            "model": (lambda v: isinstance(v, str), "a model name"),
+            "field_dims": (lambda v: isinstance(v, list) and v and all(positive_int(f) for f in v),
+                           "a non-empty list of positive ints"),
+            "embedding_dim": (positive_int, "a positive int"),
+            "model_kwargs": (lambda v: isinstance(v, dict), "a JSON object"),
+            "threshold_mode": (lambda v: isinstance(v, str), "a mode name"),
+            "threshold_init": (number, "a number"),
+            "gk": (number, "a number"),
+        }
+        for name, value in d.items():
+            ok, what = checks[name]
+            if not ok(value):
+                raise ValueError(f"run spec field {name} must be {what}, got {value!r}"[:300])
         return cls(**d)
