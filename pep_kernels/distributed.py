@@ -1,4 +1,5 @@
-"""PEP tables sharded with TorchRec: `ShardedPEPEmbedding`.
+"""PEP tables sharded with TorchRec: `ShardedPEPEmbedding` (the search) and
+`ShardedMaskedEmbedding` (the retrain of a mask).
 
 Install the extras first: `pip install --no-deps -r requirements-torchrec.txt`.
 
@@ -31,6 +32,9 @@ Optimizers (`optimizer=`, a `pep_kernels.optim` rule, mapped to FBGEMM's fused r
   row would otherwise mix W, s and the padding);
 - `Adam`: refused. FBGEMM's fused Adam has no CPU kernel and is lazy (rows not looked up skip
   the step), which is neither PEP's `faithful` nor its `fast` Adam.
+
+The retrain table is the same machinery with the fixed mask as d columns of 0/1 beside W
+(`ShardedMaskedEmbedding`); its export is `MaskedEmbedding`'s.
 
 Counting and export gather nothing they do not need: `nnz()` counts each rank's shard and sums
 the counts (one all-reduce); `pruned_weight()` and `export_store()` all-gather the pruned shards
@@ -70,9 +74,10 @@ _FEATURE = "ids"  # the one KeyedJaggedTensor key: every id of a batch, global r
 _TABLE = "pep"
 
 
-def fused_params(optimizer, threshold_mode):
+def fused_params(optimizer, extra_columns=None):
     """FBGEMM fused-optimizer parameters for a `pep_kernels.optim` rule (ValueError where FBGEMM
-    has no rule with the same numbers)."""
+    has no rule with the same numbers). `extra_columns` names what the table row holds beside W
+    (None: nothing), which rowwise Adagrad's one state per row would mix in."""
     if not isinstance(optimizer, RowOptimizer):
         raise TypeError(f"optimizer must be a pep_kernels.optim rule (SGD, Adagrad), got {optimizer!r}")
     if isinstance(optimizer, SGD):
@@ -80,15 +85,14 @@ def fused_params(optimizer, threshold_mode):
             raise ValueError(f"FBGEMM's fused SGD has no weight decay; got weight_decay={optimizer.weight_decay}")
         return {"optimizer": EmbOptimType.EXACT_SGD, "learning_rate": optimizer.lr}
     if isinstance(optimizer, Adagrad):
-        if optimizer.rowwise and mode_layout(threshold_mode)[0] == PER_ROW:
-            raise ValueError(
-                f"rowwise Adagrad keeps one state per table row; with threshold_mode {threshold_mode!r} the per-row "
-                "thresholds share W's table row, so its state would mix them: use Adagrad(rowwise=False)")
         if not optimizer.rowwise:
             if optimizer.weight_decay != 0:
                 raise ValueError("FBGEMM's fused element-wise Adagrad has no weight decay; got "
                                  f"weight_decay={optimizer.weight_decay} (rowwise Adagrad has it)")
             return {"optimizer": EmbOptimType.EXACT_ADAGRAD, "learning_rate": optimizer.lr, "eps": optimizer.eps}
+        if extra_columns is not None:
+            raise ValueError(f"rowwise Adagrad keeps one state per table row, and this table's rows hold "
+                             f"{extra_columns} beside W: its state would mix them; use Adagrad(rowwise=False)")
         return {
             "optimizer": EmbOptimType.EXACT_ROWWISE_ADAGRAD, "learning_rate": optimizer.lr, "eps": optimizer.eps,
             "weight_decay": optimizer.weight_decay,
@@ -99,66 +103,32 @@ def fused_params(optimizer, threshold_mode):
         "CPU kernel; use SGD or Adagrad")
 
 
-class ShardedPEPEmbedding(nn.Module):
-    """A `PEPEmbedding` whose table (W and per-row thresholds) is sharded over the ranks of a
-    process group by TorchRec (`sharding="row_wise"`, or `"table_wise"` on rank `table_rank`).
+class _ShardedTable(nn.Module):
+    """What both sharded tables share: the TorchRec table of `table_width` columns (W in the
+    first d), the id contract, the lookup, and the gathered and counted pruned table."""
 
-    Same contract as `PEPEmbedding`: global ids, or with `field_dims` per-field local ids
-    `(..., F)`; each rank passes its own batch and gets its own outputs. The table trains itself
-    in the backward with `optimizer` (see the module docstring); a shared threshold is a
-    replicated parameter for a torch optimizer. `weight` and `threshold` (full tables, the same on
-    every rank; each rank copies its shard) start the table from given values, e.g. a
-    `PEPEmbedding`'s; without them each shard is Xavier-uniform over (N, d) from a generator seeded
-    with `seed` and its row offset, and thresholds start at `threshold_init`.
-    """
-
-    def __init__(
-        self, num_embeddings, embedding_dim, *, optimizer, threshold_mode="feature_dim", threshold_init=-15.0,
-        gk=1.0, field_dims=None, sharding="row_wise", table_rank=0, process_group=None, weight=None,
-        threshold=None, seed=0, backend="auto", device=None,
-    ):
-        super().__init__()
+    def _setup(self, num_embeddings, embedding_dim, extra_columns, extra_name, optimizer, field_dims, sharding,
+               table_rank, process_group, device):
         for name, value in (("num_embeddings", num_embeddings), ("embedding_dim", embedding_dim)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if sharding not in SHARDINGS:
             raise ValueError(f"unknown sharding {sharding!r}; expected one of {SHARDINGS}")
-        row_source, per_dim = mode_layout(threshold_mode)
-        if field_dims is None and row_source == PER_FIELD:
-            raise ValueError(f"threshold_mode {threshold_mode!r} needs field_dims")
         self.process_group = process_group if process_group is not None else dist.group.WORLD
         self.world_size = dist.get_world_size(self.process_group)
-        device = torch.device("cpu") if device is None else torch.device(device)
-        resolve_backend(backend, device)
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
-        self.threshold_mode, self.gk, self.backend, self.sharding = threshold_mode, check_gk(gk), backend, sharding
-        self.optimizer = optimizer
+        self.sharding, self.optimizer = sharding, optimizer
         self._set_field_dims(field_dims, device)
-        num_fields = None if self.field_dims is None else self.field_dims.numel()
-        self.threshold_columns = (embedding_dim if per_dim else 1) if row_source == PER_ROW else 0
-        width = embedding_dim + self.threshold_columns
-        self.table_width = -(-width // 4) * 4
-
+        self.table_width = -(-(embedding_dim + extra_columns) // 4) * 4
         config = EmbeddingConfig(name=_TABLE, embedding_dim=self.table_width, num_embeddings=num_embeddings,
                                  feature_names=[_FEATURE])
         collection = EmbeddingCollection(tables=[config], device=torch.device("meta"))
         kernel = EmbeddingComputeKernel.FUSED.value
         plan = row_wise(compute_kernel=kernel) if sharding == "row_wise" else table_wise(table_rank, compute_kernel=kernel)
-        sharder = EmbeddingCollectionSharder(fused_params=fused_params(optimizer, threshold_mode))
+        sharder = EmbeddingCollectionSharder(
+            fused_params=fused_params(optimizer, extra_name if extra_columns else None))
         env = ShardingEnv.from_process_group(self.process_group)
         self.tables = shard(collection, {_TABLE: plan}, env, device, sharder)
-
-        expected = threshold_shape(threshold_mode, num_embeddings, embedding_dim, num_fields)
-        for name, value, shape in (("weight", weight, (num_embeddings, embedding_dim)), ("threshold", threshold, expected)):
-            if value is not None and tuple(value.shape) != shape:
-                raise ValueError(f"{name} must have shape {shape}, got {tuple(value.shape)}")
-        if row_source == PER_ROW:
-            self.threshold = None
-        else:
-            start = threshold if threshold is not None else torch.full(expected, float(threshold_init))
-            self.threshold = nn.Parameter(start.detach().to(device=device, dtype=torch.float32).clone())
-            self.threshold.register_post_accumulate_grad_hook(self._average_gradient)
-        self._fill_shards(weight, threshold, threshold_init, seed)
 
     def _set_field_dims(self, field_dims, device):
         if field_dims is None:
@@ -171,74 +141,34 @@ class ShardedPEPEmbedding(nn.Module):
             raise ValueError(f"sum(field_dims) = {sum(field_dims)} must equal num_embeddings = {self.num_embeddings}")
         self.register_buffer("field_dims", torch.tensor(field_dims, device=device), persistent=False)
 
-    def _average_gradient(self, param):
-        """The replicated threshold's gradient, averaged over the ranks (as DDP would)."""
-        dist.all_reduce(param.grad, group=self.process_group)
-        param.grad.div_(self.world_size)
-
     def local_shards(self):
         """[(first row, shard tensor (rows, table_width))] of this rank: views of FBGEMM's table."""
         sharded = self.tables.state_dict()[f"embeddings.{_TABLE}.weight"]
         return [(s.metadata.shard_offsets[0], s.tensor) for s in sharded.local_shards()]
 
-    @torch.no_grad()
-    def _fill_shards(self, weight, threshold, threshold_init, seed):
-        d, t = self.embedding_dim, self.threshold_columns
-        bound = (6.0 / (self.num_embeddings + d)) ** 0.5  # nn.init.xavier_uniform_ on (N, d)
-        for first, rows in self.local_shards():
-            count = rows.shape[0]
-            rows.zero_()
-            if weight is not None:
-                rows[:, :d] = weight[first:first + count].to(rows)
-            else:
-                generator = torch.Generator().manual_seed(seed * 1_000_003 + first)
-                rows[:, :d] = torch.empty(count, d).uniform_(-bound, bound, generator=generator).to(rows)
-            if t:
-                rows[:, d:d + t] = threshold[first:first + count].to(rows) if threshold is not None else threshold_init
-
-    def _global_ids(self, indices):
+    def _lookup(self, indices):
+        """(rows (n, table_width) of this rank's ids in order, positions: arange(n) in the ids' shape)."""
         if not isinstance(indices, torch.Tensor) or indices.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"indices must be an int32 or int64 tensor, got {getattr(indices, 'dtype', type(indices))}")
         if self.field_dims is not None:
-            return offset_field_ids(indices, self.field_dims)
-        check_ids_in_range(indices, self.num_embeddings)
-        return indices
-
-    def forward(self, indices):
-        ids = self._global_ids(indices)
-        shape = ids.shape
+            ids = offset_field_ids(indices, self.field_dims)
+        else:
+            check_ids_in_range(indices, self.num_embeddings)
+            ids = indices
         values = ids.reshape(-1).long()
-        per_sample = shape[-1] if ids.dim() else 1
+        per_sample = ids.shape[-1] if ids.dim() else 1
         lengths = torch.full((values.numel() // max(per_sample, 1),), per_sample, dtype=torch.int64, device=ids.device)
         kjt = KeyedJaggedTensor.from_lengths_sync(keys=[_FEATURE], values=values, lengths=lengths)
-        rows = self.tables(kjt)[_FEATURE].values()  # (n, table_width), in the order of `values`
-        d, t = self.embedding_dim, self.threshold_columns
-        threshold = rows[:, d:d + t] if t else self.threshold
-        positions = torch.arange(values.numel(), device=rows.device).reshape(shape)
-        return soft_threshold_embedding(positions, rows[:, :d], threshold, mode=self.threshold_mode, gk=self.gk,
-                                        backend=self.backend)
+        rows = self.tables(kjt)[_FEATURE].values()
+        return rows, torch.arange(values.numel(), device=rows.device).reshape(ids.shape)
 
-    @torch.no_grad()
     def _pruned_shards(self):
         """[(first row, pruned rows (rows, d))] of this rank's shards."""
-        d, t = self.embedding_dim, self.threshold_columns
-        pruned = []
-        for first, rows in self.local_shards():
-            # Contiguous copies: torch's vectorized sigmoid can differ from its strided one by an
-            # ulp, and PEPEmbedding.pruned_weight reads contiguous tensors.
-            weight = rows[:, :d].float().contiguous()
-            if t:
-                threshold = rows[:, d:d + t].float().contiguous()
-            elif self.field_dims is not None and mode_layout(self.threshold_mode)[0] == PER_FIELD:
-                fields = reference.field_of_rows(self.field_dims.cpu())[first:first + rows.shape[0]]
-                threshold = self.threshold.detach()[fields.to(self.threshold.device)]
-            else:
-                threshold = self.threshold.detach()
-            pruned.append((first, reference.soft_threshold_values(weight, threshold, self.gk)))
-        return pruned
+        raise NotImplementedError
 
     def nnz(self):
-        """Non-zero entries of the whole pruned table: each rank counts its shards, one all-reduce."""
+        """Non-zero entries of the whole pruned table: each rank counts its shards, one all-reduce.
+        A collective, like `sparsity`, `pruned_weight` and `export_store`: every rank calls it."""
         count = sum(int(torch.count_nonzero(rows)) for _, rows in self._pruned_shards())
         total = torch.tensor([count], dtype=torch.int64)
         dist.all_reduce(total, group=self.process_group)
@@ -266,32 +196,171 @@ class ShardedPEPEmbedding(nn.Module):
             table[first:first + count] = rows[:count]
         return table
 
+    def _gather_columns(self, start, stop):
+        """Columns [start, stop) of the table, (N, stop - start), gathered on every rank (CPU)."""
+        return self._gather([(f, r[:, start:stop].float()) for f, r in self.local_shards()], stop - start)
+
     @torch.no_grad()
     def pruned_weight(self):
-        """The whole soft-thresholded table S(V, s), (N, d), gathered on every rank (CPU)."""
+        """The whole pruned table, (N, d), gathered on every rank (CPU)."""
         return self._gather(self._pruned_shards(), self.embedding_dim)
 
     @torch.no_grad()
     def full_weight(self):
         """W, (N, d), gathered on every rank (CPU)."""
-        return self._gather([(f, r[:, :self.embedding_dim].float()) for f, r in self.local_shards()],
-                            self.embedding_dim)
+        return self._gather_columns(0, self.embedding_dim)
+
+    def export_store(self, values="fp32", encoding="auto"):
+        """One `SparseRowStore` of the whole pruned table, built on every rank from the gathered
+        shards: the same bytes as `SparseRowStore.from_module` of the single-process module
+        (`PEPEmbedding`, `MaskedEmbedding`) holding this table."""
+        return SparseRowStore.from_dense(self.pruned_weight(), values=values, encoding=encoding)
+
+
+class ShardedPEPEmbedding(_ShardedTable):
+    """A `PEPEmbedding` whose table (W and per-row thresholds) is sharded over the ranks of a
+    process group by TorchRec (`sharding="row_wise"`, or `"table_wise"` on rank `table_rank`).
+
+    Same contract as `PEPEmbedding`: global ids, or with `field_dims` per-field local ids
+    `(..., F)`; each rank passes its own batch and gets its own outputs. The table trains itself
+    in the backward with `optimizer` (see the module docstring); a shared threshold is a
+    replicated parameter for a torch optimizer. `weight` and `threshold` (full tables, the same on
+    every rank; each rank copies its shard) start the table from given values, e.g. a
+    `PEPEmbedding`'s; without them each shard is Xavier-uniform over (N, d) from a generator seeded
+    with `seed` and its row offset, and thresholds start at `threshold_init`.
+    """
+
+    def __init__(
+        self, num_embeddings, embedding_dim, *, optimizer, threshold_mode="feature_dim", threshold_init=-15.0,
+        gk=1.0, field_dims=None, sharding="row_wise", table_rank=0, process_group=None, weight=None,
+        threshold=None, seed=0, backend="auto", device=None,
+    ):
+        super().__init__()
+        row_source, per_dim = mode_layout(threshold_mode)
+        if field_dims is None and row_source == PER_FIELD:
+            raise ValueError(f"threshold_mode {threshold_mode!r} needs field_dims")
+        device = torch.device("cpu") if device is None else torch.device(device)
+        resolve_backend(backend, device)
+        self.threshold_mode, self.gk, self.backend = threshold_mode, check_gk(gk), backend
+        self.threshold_columns = (embedding_dim if per_dim else 1) if row_source == PER_ROW else 0
+        self._setup(num_embeddings, embedding_dim, self.threshold_columns, "the per-row thresholds", optimizer,
+                    field_dims, sharding, table_rank, process_group, device)
+        num_fields = None if self.field_dims is None else self.field_dims.numel()
+        expected = threshold_shape(threshold_mode, num_embeddings, embedding_dim, num_fields)
+        for name, value, shape in (("weight", weight, (num_embeddings, embedding_dim)), ("threshold", threshold, expected)):
+            if value is not None and tuple(value.shape) != shape:
+                raise ValueError(f"{name} must have shape {shape}, got {tuple(value.shape)}")
+        if row_source == PER_ROW:
+            self.threshold = None
+        else:
+            start = threshold if threshold is not None else torch.full(expected, float(threshold_init))
+            self.threshold = nn.Parameter(start.detach().to(device=device, dtype=torch.float32).clone())
+            self.threshold.register_post_accumulate_grad_hook(self._average_gradient)
+        self._fill_shards(weight, threshold, threshold_init, seed)
+
+    def _average_gradient(self, param):
+        """The replicated threshold's gradient, averaged over the ranks (as DDP would)."""
+        dist.all_reduce(param.grad, group=self.process_group)
+        param.grad.div_(self.world_size)
+
+    @torch.no_grad()
+    def _fill_shards(self, weight, threshold, threshold_init, seed):
+        d, t = self.embedding_dim, self.threshold_columns
+        bound = (6.0 / (self.num_embeddings + d)) ** 0.5  # nn.init.xavier_uniform_ on (N, d)
+        for first, rows in self.local_shards():
+            count = rows.shape[0]
+            rows.zero_()
+            if weight is not None:
+                rows[:, :d] = weight[first:first + count].to(rows)
+            else:
+                generator = torch.Generator().manual_seed(seed * 1_000_003 + first)
+                rows[:, :d] = torch.empty(count, d).uniform_(-bound, bound, generator=generator).to(rows)
+            if t:
+                rows[:, d:d + t] = threshold[first:first + count].to(rows) if threshold is not None else threshold_init
+
+    def forward(self, indices):
+        rows, positions = self._lookup(indices)
+        d, t = self.embedding_dim, self.threshold_columns
+        threshold = rows[:, d:d + t] if t else self.threshold
+        return soft_threshold_embedding(positions, rows[:, :d], threshold, mode=self.threshold_mode, gk=self.gk,
+                                        backend=self.backend)
+
+    @torch.no_grad()
+    def _pruned_shards(self):
+        d, t = self.embedding_dim, self.threshold_columns
+        pruned = []
+        for first, rows in self.local_shards():
+            # Contiguous copies: torch's vectorized sigmoid can differ from its strided one by an
+            # ulp, and PEPEmbedding.pruned_weight reads contiguous tensors.
+            weight = rows[:, :d].float().contiguous()
+            if t:
+                threshold = rows[:, d:d + t].float().contiguous()
+            elif self.field_dims is not None and mode_layout(self.threshold_mode)[0] == PER_FIELD:
+                fields = reference.field_of_rows(self.field_dims.cpu())[first:first + rows.shape[0]]
+                threshold = self.threshold.detach()[fields.to(self.threshold.device)]
+            else:
+                threshold = self.threshold.detach()
+            pruned.append((first, reference.soft_threshold_values(weight, threshold, self.gk)))
+        return pruned
 
     @torch.no_grad()
     def full_threshold(self):
         """The threshold in its mode's shape: per-row thresholds gathered, a shared one as is."""
         if self.threshold is not None:
             return self.threshold.detach().clone()
-        d, t = self.embedding_dim, self.threshold_columns
-        return self._gather([(f, r[:, d:d + t].float()) for f, r in self.local_shards()], t)
-
-    def export_store(self, values="fp32", encoding="auto"):
-        """One `SparseRowStore` of the whole pruned table, built on every rank from the gathered
-        shards: the same bytes as `SparseRowStore.from_module` of a `PEPEmbedding` holding
-        these W and s."""
-        return SparseRowStore.from_dense(self.pruned_weight(), values=values, encoding=encoding)
+        return self._gather_columns(self.embedding_dim, self.embedding_dim + self.threshold_columns)
 
     def extra_repr(self):
         fields = "" if self.field_dims is None else f", fields={self.field_dims.numel()}"
         return (f"{self.num_embeddings}, {self.embedding_dim}, threshold_mode={self.threshold_mode!r}, gk={self.gk}"
                 f"{fields}, sharding={self.sharding!r}, world_size={self.world_size}, optimizer={self.optimizer!r}")
+
+
+class ShardedMaskedEmbedding(_ShardedTable):
+    """The retrain stage (`MaskedEmbedding`) sharded the same way: a fixed mask, no threshold.
+
+    The mask rides in the table row as d columns of 0/1 beside W (so one plan shards both and one
+    lookup brings both); the lookup multiplies W's columns by `mask != 0`, which has no gradient,
+    so the fused optimizer leaves the mask columns as they are (SGD and Adagrad without weight
+    decay: a zero gradient changes nothing) and pruned entries stay exactly zero. Built from full
+    tables `weight` and `mask` (the same on every rank, e.g. the initial weights and a search
+    snapshot's `!= 0`), with the `field_dims` contract of `MaskedEmbedding`. The price is d more
+    fp32 columns per row during the retrain; the export keeps only W's non-zeros.
+    """
+
+    def __init__(self, weight, mask, *, optimizer, field_dims=None, sharding="row_wise", table_rank=0,
+                 process_group=None, device=None):
+        super().__init__()
+        if weight.dim() != 2 or tuple(mask.shape) != tuple(weight.shape):
+            raise ValueError(f"weight must be 2-D and mask of its shape, got {tuple(weight.shape)} and {tuple(mask.shape)}")
+        device = torch.device("cpu") if device is None else torch.device(device)
+        num_embeddings, embedding_dim = weight.shape
+        self._setup(num_embeddings, embedding_dim, embedding_dim, "the mask", optimizer, field_dims, sharding,
+                    table_rank, process_group, device)
+        d = embedding_dim
+        with torch.no_grad():
+            for first, rows in self.local_shards():
+                keep = mask[first:first + rows.shape[0]].to(torch.bool)
+                rows.zero_()
+                rows[:, :d] = (weight[first:first + rows.shape[0]] * keep).to(rows)
+                rows[:, d:2 * d] = keep.to(rows)
+
+    def forward(self, indices):
+        rows, positions = self._lookup(indices)
+        d = self.embedding_dim
+        out = rows[:, :d] * (rows[:, d:2 * d] != 0).to(rows.dtype)
+        return out.reshape(*positions.shape, d)
+
+    @torch.no_grad()
+    def _pruned_shards(self):
+        d = self.embedding_dim
+        return [(first, rows[:, :d].float() * (rows[:, d:2 * d] != 0)) for first, rows in self.local_shards()]
+
+    def mask(self):
+        """The fixed mask, (N, d) bool, gathered on every rank."""
+        return self._gather_columns(self.embedding_dim, 2 * self.embedding_dim) != 0
+
+    def extra_repr(self):
+        fields = "" if self.field_dims is None else f", fields={self.field_dims.numel()}"
+        return (f"{self.num_embeddings}, {self.embedding_dim}{fields}, sharding={self.sharding!r}, "
+                f"world_size={self.world_size}, optimizer={self.optimizer!r}")

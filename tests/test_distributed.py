@@ -1,9 +1,11 @@
-"""ShardedPEPEmbedding (TorchRec) against single-process PEPEmbedding: 2 ranks over gloo on CPU.
+"""ShardedPEPEmbedding and ShardedMaskedEmbedding (TorchRec) against single-process PEPEmbedding
+and MaskedEmbedding: 2 ranks over gloo on CPU.
 
 Each spawned rank computes the single-process run itself on the concatenated batch of both
 ranks, then checks its own outputs against its slice of it, and the gathered table against the
 whole: forward bitwise, one SGD step (lr 1: the step is the gradient), 50 fused-Adagrad steps,
-nnz after every step, budget snapshots, and the exported store. Needs the extras of
+nnz after every step, budget snapshots, and the exported store; then the retrain of a mask
+(MaskedEmbedding) and its exported store. Needs the extras of
 requirements-torchrec.txt; skipped without them.
 """
 
@@ -21,7 +23,7 @@ pytest.importorskip("pep_kernels.distributed", exc_type=ImportError)
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
-from pep_kernels import PEPEmbedding, SparseRowStore  # noqa: E402
+from pep_kernels import MaskedEmbedding, PEPEmbedding, SparseRowStore  # noqa: E402
 from pep_kernels.optim import SGD, Adagrad, Adam  # noqa: E402
 
 WORLD = 2
@@ -177,6 +179,37 @@ def _check_training(rank, mode, with_fields, optimizer, sharding):
     torch.testing.assert_close(store.lookup(everything), trained.lookup(everything), rtol=1e-5, atol=ATOL)
 
 
+def _check_retrain(rank, sharding):
+    """The retrain stage: a fixed mask, fused Adagrad against torch Adagrad on MaskedEmbedding;
+    the mask stays, pruned entries stay zero, and the exported store is the single-process one."""
+    from pep_kernels.distributed import ShardedMaskedEmbedding
+    weight, threshold = _start("feature_dim", True)
+    mask = (weight.abs() > torch.sigmoid(threshold)) & (torch.rand(weight.shape, generator=torch.Generator().manual_seed(3)) < 0.7)
+    mine = slice(rank * BATCH, (rank + 1) * BATCH)
+    single = MaskedEmbedding(weight, mask, field_dims=FIELD_DIMS)
+    rule = torch.optim.Adagrad(single.parameters(), lr=ADAGRAD.lr, eps=ADAGRAD.eps)
+    sharded = ShardedMaskedEmbedding(weight, mask, optimizer=ADAGRAD, field_dims=FIELD_DIMS, sharding=sharding)
+    for step in range(1, 21):
+        ids, labels = _batch(step, True)
+        rule.zero_grad()
+        out_single = single(ids)
+        _loss(out_single, labels).backward()
+        rule.step()
+        out = sharded(ids[mine])
+        if step == 1:  # the same rows: bitwise; later the tables differ by float-addition order
+            assert torch.equal(out, out_single[mine].detach())
+        _loss(out, labels[mine]).backward()
+    assert torch.equal(sharded.mask(), mask)
+    torch.testing.assert_close(sharded.full_weight(), single.weight.detach(), rtol=1e-5, atol=ATOL)
+    assert sharded.nnz() == single.nnz() and not bool(sharded.full_weight()[~mask].any())
+    store = sharded.export_store()
+    reference = SparseRowStore.from_module(MaskedEmbedding(sharded.full_weight(), mask, field_dims=FIELD_DIMS))
+    assert torch.equal(store.offsets, reference.offsets) and torch.equal(store.payload, reference.payload)
+    everything = torch.arange(sum(FIELD_DIMS))
+    trained = SparseRowStore.from_module(single)
+    torch.testing.assert_close(store.lookup(everything), trained.lookup(everything), rtol=1e-5, atol=ATOL)
+
+
 def _worker(rank, port, plans):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -186,6 +219,7 @@ def _worker(rank, port, plans):
             for mode, with_fields, optimizer in cases:
                 _check_step(rank, mode, with_fields, sharding)
                 _check_training(rank, mode, with_fields, optimizer, sharding)
+            _check_retrain(rank, sharding)
     finally:
         dist.destroy_process_group()
 
@@ -201,11 +235,13 @@ def test_sharded_matches_single_process():
 def test_optimizers_without_an_fbgemm_rule_are_refused():
     from pep_kernels.distributed import fused_params
     with pytest.raises(ValueError, match="weight decay"):
-        fused_params(SGD(lr=0.1, weight_decay=1e-5), "feature_dim")
+        fused_params(SGD(lr=0.1, weight_decay=1e-5))
     with pytest.raises(ValueError, match="weight decay"):
-        fused_params(Adagrad(weight_decay=1e-5), "global")
+        fused_params(Adagrad(weight_decay=1e-5))
     with pytest.raises(ValueError, match="rowwise Adagrad"):
-        fused_params(Adagrad(rowwise=True), "feature_dim")
+        fused_params(Adagrad(rowwise=True), "the per-row thresholds")
     with pytest.raises(ValueError, match="Adam"):
-        fused_params(Adam(), "global")
-    assert fused_params(Adagrad(rowwise=True), "global")["learning_rate"] == 1e-2
+        fused_params(Adam())
+    with pytest.raises(TypeError, match="pep_kernels.optim"):
+        fused_params(torch.optim.SGD)
+    assert fused_params(Adagrad(rowwise=True))["learning_rate"] == 1e-2
