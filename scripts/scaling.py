@@ -27,8 +27,8 @@ STATE_PER_ENTRY = {"adam": 2, "adagrad": 1, "rowwise_adagrad": 0, "sgd": 0}
 THRESHOLD_COLUMNS = {"feature_dim": lambda d: d, "feature": lambda d: 1}  # other modes: shared
 ID_BYTES, VALUE_BYTES = 8, 4
 
-# (name, rows, d, fields per example): Criteo and Avazu as the PEP paper counts their features
-# (d = 24 as its recipe), and a 1-billion-row table.
+# (name, rows, d, fields per example): Avazu as the PEP paper's table, Criteo with the feature
+# count commonly reported for Kaggle Criteo (d = 24, the PEP recipe), and a 1-billion-row table.
 STANDARD = (
     ("criteo", 1_086_810, 24, 39),
     ("avazu", 645_394, 24, 22),
