@@ -40,6 +40,11 @@ Counting and export gather nothing they do not need: `nnz()` counts each rank's 
 the counts (one all-reduce); `pruned_weight()` and `export_store()` all-gather the pruned shards
 into one (N, d) table on every rank (O(N d) memory: for tables that fit one host).
 
+`nnz`, `sparsity`, `pruned_weight`, `full_weight`, `full_threshold`, `mask` and `export_store`
+are collectives, like the lookup itself: every rank calls them, in the same order. A bad id
+raises on the rank that holds it, before any communication; the other ranks then wait in the
+lookup's all-to-all, as with any collective whose peer failed.
+
 Not supported: column-wise and table-row-wise plans, and `DistributedModelParallel` wrapping
 (this module shards its own table; wrap the dense rest of a model in DDP yourself).
 """
@@ -120,13 +125,15 @@ class _ShardedTable(nn.Module):
         self.sharding, self.optimizer = sharding, optimizer
         self._set_field_dims(field_dims, device)
         self.table_width = -(-(embedding_dim + extra_columns) // 4) * 4
+        beside = extra_name if extra_columns else None
+        if beside is None and self.table_width != embedding_dim:
+            beside = f"{self.table_width - embedding_dim} zero padding columns (FBGEMM needs a multiple of 4)"
         config = EmbeddingConfig(name=_TABLE, embedding_dim=self.table_width, num_embeddings=num_embeddings,
                                  feature_names=[_FEATURE])
         collection = EmbeddingCollection(tables=[config], device=torch.device("meta"))
         kernel = EmbeddingComputeKernel.FUSED.value
         plan = row_wise(compute_kernel=kernel) if sharding == "row_wise" else table_wise(table_rank, compute_kernel=kernel)
-        sharder = EmbeddingCollectionSharder(
-            fused_params=fused_params(optimizer, extra_name if extra_columns else None))
+        sharder = EmbeddingCollectionSharder(fused_params=fused_params(optimizer, beside))
         env = ShardingEnv.from_process_group(self.process_group)
         self.tables = shard(collection, {_TABLE: plan}, env, device, sharder)
 

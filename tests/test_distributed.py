@@ -23,7 +23,7 @@ pytest.importorskip("pep_kernels.distributed", exc_type=ImportError)
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
-from pep_kernels import MaskedEmbedding, PEPEmbedding, SparseRowStore  # noqa: E402
+from pep_kernels import MaskedEmbedding, PEPEmbedding, SparseRowStore, threshold_shape  # noqa: E402
 from pep_kernels.optim import SGD, Adagrad, Adam  # noqa: E402
 
 WORLD = 2
@@ -72,7 +72,6 @@ def _loss(out, labels):
 
 def _start(mode, with_fields):
     """W0 (Xavier), s0 (random around -4, so that a tenth of the table starts pruned)."""
-    from pep_kernels import threshold_shape
     g = torch.Generator().manual_seed(7)
     n = sum(FIELD_DIMS)
     weight = torch.empty(n, DIM).uniform_(-(6 / (n + DIM)) ** 0.5, (6 / (n + DIM)) ** 0.5, generator=g)
