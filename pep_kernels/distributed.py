@@ -55,6 +55,7 @@ from torch import nn
 
 try:
     from fbgemm_gpu.split_embedding_configs import EmbOptimType
+    from fbgemm_gpu.split_table_batched_embeddings_ops_training import DenseTableBatchedEmbeddingBagsCodegen
     from fbgemm_gpu.tbe.config.optimizer_config import WeightDecayMode
     from torchrec import EmbeddingCollection, EmbeddingConfig, KeyedJaggedTensor
     from torchrec.distributed.embedding import EmbeddingCollectionSharder
@@ -71,7 +72,8 @@ from . import reference
 from ._validation import PER_FIELD, PER_ROW, check_gk, check_ids_in_range, mode_layout, threshold_shape
 from .functional import resolve_backend, soft_threshold_embedding
 from .ops.indices import offset_field_ids
-from .optim import SGD, Adagrad, RowOptimizer
+from .ops import optim as optim_ops
+from .optim import SGD, Adagrad, Adam, RowOptimizer
 from .store import SparseRowStore
 
 SHARDINGS = ("row_wise", "table_wise")
@@ -105,7 +107,7 @@ def fused_params(optimizer, extra_columns=None):
         }
     raise ValueError(
         f"no FBGEMM fused rule matches {optimizer!r}: its fused Adam is lazy (skips rows not looked up) and has no "
-        "CPU kernel; use SGD or Adagrad")
+        "CPU kernel; the sharded tables run Adam with pep_kernels' own kernels instead")
 
 
 class _ShardedTable(nn.Module):
@@ -131,11 +133,76 @@ class _ShardedTable(nn.Module):
         config = EmbeddingConfig(name=_TABLE, embedding_dim=self.table_width, num_embeddings=num_embeddings,
                                  feature_names=[_FEATURE])
         collection = EmbeddingCollection(tables=[config], device=torch.device("meta"))
-        kernel = EmbeddingComputeKernel.FUSED.value
+        own_rule = isinstance(optimizer, Adam)
+        kernel = (EmbeddingComputeKernel.DENSE if own_rule else EmbeddingComputeKernel.FUSED).value
         plan = row_wise(compute_kernel=kernel) if sharding == "row_wise" else table_wise(table_rank, compute_kernel=kernel)
-        sharder = EmbeddingCollectionSharder(fused_params=fused_params(optimizer, beside))
+        sharder = EmbeddingCollectionSharder(fused_params=None if own_rule else fused_params(optimizer, beside))
         env = ShardingEnv.from_process_group(self.process_group)
         self.tables = shard(collection, {_TABLE: plan}, env, device, sharder)
+        if own_rule:
+            self._attach_adam(device)
+
+    def _attach_adam(self, device):
+        """Adam on this rank's shard with pep_kernels' row-optimizer kernels. The DENSE kernel's
+        table (FBGEMM's TBE inside TorchRec's lookup) gets TorchRec's own backward, all-to-all
+        included, as a dense gradient; a hook steps the shard as soon as it is accumulated, on the
+        rows this rank's lookups read (coalesced), and drops the gradient."""
+        # TorchRec keeps its lookups in a plain list, so they are not submodules to search.
+        modules = [m for lookup in self.tables._lookups for m in lookup.modules()
+                   if isinstance(m, DenseTableBatchedEmbeddingBagsCodegen)]
+        if len(modules) > 1:
+            raise ValueError(f"expected at most one table shard per rank, got {len(modules)}")
+        self.register_buffer("optimizer_step", torch.zeros((), dtype=torch.int64, device=device), persistent=False)
+        self._tbe, self._looked_up, self._schedule = None, [], None
+        self._optimizer_backend = resolve_backend("auto", device)
+        if not modules:  # table-wise, on a rank without the table
+            return
+        self._tbe = modules[0]
+        shard_rows = self._tbe.weights.detach().view(-1, self.table_width)
+        self._adam_state = [shard_rows, *(torch.zeros_like(shard_rows) for _ in range(2)),
+                            torch.zeros(shard_rows.shape[0] if self.optimizer.mode == "fast" else 0, dtype=torch.int64,
+                                        device=device)]
+        self._tbe.register_forward_pre_hook(self._before_lookup, with_kwargs=True)
+        self._tbe.weights.register_post_accumulate_grad_hook(self._adam_step)
+
+    def _before_lookup(self, module, args, kwargs):
+        """Records the shard rows a lookup reads (for the step), brings them up to date (`fast`),
+        and makes each id its own bag: FBGEMM's CPU dense kernel pools every bag even for an
+        unpooled table (fbgemm-gpu-cpu 1.8), so one id per bag gives the unpooled rows."""
+        indices = kwargs["indices"]
+        if torch.is_grad_enabled():
+            self._looked_up.append(indices.long())
+        self._catch_up(indices.long())
+        offsets = torch.arange(indices.numel() + 1, dtype=indices.dtype, device=indices.device)
+        return args, {**kwargs, "offsets": offsets}
+
+    def _adam_schedule(self, step):
+        """Adam's per-step factors up to `step`, grown by doubling (as `PEPEmbedding` does)."""
+        if self._schedule is None or self._schedule.shape[1] <= step:
+            self._schedule = self.optimizer.schedule(max(1024, 2 * step), torch.float32, self.optimizer_step.device)
+        return self._schedule
+
+    @torch.no_grad()
+    def _adam_step(self, weights):
+        """One Adam step of the shard: the looked-up rows with their summed gradients (kind
+        `adam`), and every other row with a zero loss gradient too (`adam_dense`)."""
+        step = int(self.optimizer_step) + 1
+        rows = torch.unique(torch.cat(self._looked_up)) if self._looked_up else weights.new_zeros(0, dtype=torch.int64)
+        self._looked_up.clear()
+        grads = weights.grad.view(-1, self.table_width)[rows]
+        weights.grad = None
+        optim_ops.row_optimizer_step(self._adam_state, rows, grads, self._adam_schedule(step), self.optimizer.kind,
+                                     self.optimizer.hparams(), step, self._optimizer_backend)
+        self.optimizer_step.fill_(step)
+
+    def _catch_up(self, rows):
+        """Adam `fast`: replays the skipped steps of shard `rows` (None: every row)."""
+        step = int(self.optimizer_step)
+        if self._tbe is None or self.optimizer.mode != "fast" or step == 0:
+            return
+        with torch.no_grad():
+            optim_ops.row_optimizer_catch_up(self._adam_state, rows, self._adam_schedule(step),
+                                             self.optimizer.hparams(), step, self._optimizer_backend)
 
     def _set_field_dims(self, field_dims, device):
         if field_dims is None:
@@ -149,7 +216,10 @@ class _ShardedTable(nn.Module):
         self.register_buffer("field_dims", torch.tensor(field_dims, device=device), persistent=False)
 
     def local_shards(self):
-        """[(first row, shard tensor (rows, table_width))] of this rank: views of FBGEMM's table."""
+        """[(first row, shard tensor (rows, table_width))] of this rank: views of FBGEMM's table,
+        every row up to date (`fast` Adam replays skipped steps first)."""
+        if isinstance(self.optimizer, Adam):
+            self._catch_up(None)
         sharded = self.tables.state_dict()[f"embeddings.{_TABLE}.weight"]
         return [(s.metadata.shard_offsets[0], s.tensor) for s in sharded.local_shards()]
 
@@ -341,6 +411,9 @@ class ShardedMaskedEmbedding(_ShardedTable):
         if weight.dim() != 2 or tuple(mask.shape) != tuple(weight.shape):
             raise ValueError(f"weight must be 2-D and mask of its shape, got {tuple(weight.shape)} and {tuple(mask.shape)}")
         device = torch.device("cpu") if device is None else torch.device(device)
+        if isinstance(optimizer, Adam) and optimizer.weight_decay != 0:
+            raise ValueError(f"Adam's weight decay would decay the mask columns of the table rows; got weight_decay="
+                             f"{optimizer.weight_decay}, only 0 is supported by ShardedMaskedEmbedding")
         num_embeddings, embedding_dim = weight.shape
         self._setup(num_embeddings, embedding_dim, embedding_dim, "the mask", optimizer, field_dims, sharding,
                     table_rank, process_group, device)

@@ -42,6 +42,14 @@ CASES = [
     ("field", True, ADAGRAD),
     ("field_dim", True, ADAGRAD),
 ]
+# Adam (pep_kernels' own kernels on the DENSE kernel's shard), both modes, per-row and shared
+# thresholds, against PEPEmbedding(optimizer=Adam) with torch Adam on a shared threshold.
+ADAM_CASES = [
+    ("feature_dim", True, Adam(lr=0.01, weight_decay=1e-4, mode="faithful")),
+    ("feature_dim", True, Adam(lr=0.01, weight_decay=1e-4, mode="fast")),
+    ("global", True, Adam(lr=0.01, weight_decay=1e-4, mode="fast")),
+    ("dimension", False, Adam(lr=0.01, weight_decay=1e-4, mode="faithful")),
+]
 ATOL = 1e-6
 
 
@@ -135,8 +143,10 @@ def _check_training(rank, mode, with_fields, optimizer, sharding):
 
     def run(emb, rows, take_table):
         shared = [] if mode in ("feature", "feature_dim") else [emb.threshold]
-        rest = torch.optim.Adagrad(shared, lr=optimizer.lr, eps=optimizer.eps,
-                                   weight_decay=optimizer.weight_decay) if shared else None
+        rule = (dict(rule=torch.optim.Adam, betas=optimizer.betas) if isinstance(optimizer, Adam)
+                else dict(rule=torch.optim.Adagrad))
+        rest = rule.pop("rule")(shared, lr=optimizer.lr, eps=optimizer.eps, weight_decay=optimizer.weight_decay,
+                                **rule) if shared else None
         history = []
         for step in range(1, STEPS + 1):
             ids, labels = _batch(step, with_fields)
@@ -209,7 +219,7 @@ def _check_retrain(rank, sharding):
     torch.testing.assert_close(store.lookup(everything), trained.lookup(everything), rtol=1e-5, atol=ATOL)
 
 
-def _worker(rank, port, plans):
+def _worker(rank, port, plans, adam_plans):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
@@ -219,6 +229,9 @@ def _worker(rank, port, plans):
                 _check_step(rank, mode, with_fields, sharding)
                 _check_training(rank, mode, with_fields, optimizer, sharding)
             _check_retrain(rank, sharding)
+        for sharding, cases in adam_plans:
+            for mode, with_fields, optimizer in cases:
+                _check_training(rank, mode, with_fields, optimizer, sharding)
     finally:
         dist.destroy_process_group()
 
@@ -228,7 +241,8 @@ def test_sharded_matches_single_process():
     # 30 s on 2 loaded cores, and each case 3 s. Row-wise runs every mode; table-wise the two
     # layouts (per-row thresholds in the table, a replicated shared threshold).
     plans = [("row_wise", CASES), ("table_wise", [CASES[0], CASES[4]])]
-    mp.spawn(_worker, args=(_free_port(), plans), nprocs=WORLD)
+    adam_plans = [("row_wise", ADAM_CASES), ("table_wise", ADAM_CASES[1:2])]
+    mp.spawn(_worker, args=(_free_port(), plans, adam_plans), nprocs=WORLD)
 
 
 def test_optimizers_without_an_fbgemm_rule_are_refused():
