@@ -7,8 +7,11 @@ against a dense table of uniform dimension. Arithmetic only: nothing is run or t
 Model (per rank, R ranks, row-wise: each rank holds ceil(N / R) rows; fp32 values):
 - training: PEP's table row is d weights + t thresholds (t = d for feature_dim, 1 for feature, 0
   for shared modes), padded to a multiple of 4 (FBGEMM), plus the optimizer state of that row
-  (Adam 2 values per entry, Adagrad 1, rowwise Adagrad 1 per row, SGD none). The dense table is d
-  (padded) plus the same state. PEP trains a full-width table: its saving comes at serving.
+  (Adam 2 values per entry, Adagrad 1, rowwise Adagrad 1 per row, SGD none). PEP's Adam runs on
+  pep_kernels' kernels behind TorchRec's DENSE compute kernel, which adds the shard's dense
+  gradient (1 value per entry, during the backward) and `fast` mode's last step (8 bytes a row).
+  The dense table is d (padded) plus the same state, under a fused optimizer (no gradient table).
+  PEP trains a full-width table: its saving comes at serving.
 - serving: a SparseRowStore of the shard, `columns` encoding (auto picks the smaller of it and the
   bitmask, so this is an upper bound): 4 (rows + 1) offset bytes + (1 + 4) bytes per non-zero
   (d <= 256). Against the dense fp32 table of dimension d, and the dense table of the uniform
@@ -26,6 +29,7 @@ import math
 STATE_PER_ENTRY = {"adam": 2, "adagrad": 1, "rowwise_adagrad": 0, "sgd": 0}
 THRESHOLD_COLUMNS = {"feature_dim": lambda d: d, "feature": lambda d: 1}  # other modes: shared
 ID_BYTES, VALUE_BYTES = 8, 4
+LAST_STEP_BYTES = 8  # Adam `fast`: the step each row was last brought up to
 
 # (name, rows, d, fields per example): Avazu as the PEP paper's table, Criteo with the feature
 # count commonly reported for Kaggle Criteo (d = 24, the PEP recipe), and a 1-billion-row table.
@@ -50,9 +54,10 @@ def table_bytes(rows, d, density, ranks, *, mode="feature_dim", optimizer="adam"
     shared = 0 if mode in THRESHOLD_COLUMNS else (d if mode in ("dimension", "field_dim") else 1) * fields
     width_pep, width_dense = padded(d + t), padded(d)
 
-    def train(width):
+    def train(width, dense_kernel=False):
         state = STATE_PER_ENTRY[optimizer] * width + (1 if optimizer == "rowwise_adagrad" else 0)
-        return shard_rows * (width + state) * VALUE_BYTES
+        gradient = width if dense_kernel else 0
+        return shard_rows * ((width + state + gradient) * VALUE_BYTES + (LAST_STEP_BYTES if dense_kernel else 0))
 
     uniform_dim = max(1, round(density * d))
     nnz = density * shard_rows * d
@@ -64,7 +69,7 @@ def table_bytes(rows, d, density, ranks, *, mode="feature_dim", optimizer="adam"
 
     return {
         "rows_per_rank": shard_rows, "uniform_dim": uniform_dim,
-        "train_pep": train(width_pep), "train_dense": train(width_dense),
+        "train_pep": train(width_pep, dense_kernel=optimizer == "adam"), "train_dense": train(width_dense),
         "serve_pep": VALUE_BYTES * (shard_rows + 1) + (1 + VALUE_BYTES) * nnz,
         "serve_dense": shard_rows * d * VALUE_BYTES, "serve_uniform": shard_rows * uniform_dim * VALUE_BYTES,
         "comm_pep": comm(width_pep) + 2 * leaving * shared * VALUE_BYTES,
