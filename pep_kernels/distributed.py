@@ -23,18 +23,31 @@ per-rank losses. With equal per-rank batches and a per-rank mean loss this is th
 the concatenated batch, and the sharded table follows a single-process `PEPEmbedding` trained
 on that batch, up to the order of float additions (tested to fp32 tolerance, 2 ranks, gloo).
 
-Optimizers (`optimizer=`, a `pep_kernels.optim` rule, mapped to FBGEMM's fused rule):
+Optimizers (`optimizer=`, a `pep_kernels.optim` rule):
 
-- `SGD(lr)` -> EXACT_SGD and `Adagrad(lr, eps)` -> EXACT_ADAGRAD: FBGEMM's kernels of these
-  have no weight decay, so `weight_decay` must be 0;
+- `SGD(lr)` -> FBGEMM's EXACT_SGD and `Adagrad(lr, eps)` -> EXACT_ADAGRAD (the FUSED compute
+  kernel): FBGEMM's kernels of these have no weight decay, so `weight_decay` must be 0;
 - `Adagrad(lr, eps, weight_decay, rowwise=True)` -> EXACT_ROWWISE_ADAGRAD with L2 (coupled)
   weight decay, for shared-threshold modes with d a multiple of 4 only (its one state per table
   row would otherwise mix W, s and the padding);
-- `Adam`: refused. FBGEMM's fused Adam has no CPU kernel and is lazy (rows not looked up skip
-  the step), which is neither PEP's `faithful` nor its `fast` Adam.
+- `Adam(lr, betas, eps, weight_decay, mode)`, the published PEP recipe (`faithful`, or `fast`):
+  pep_kernels' own row-optimizer kernels, as in `PEPEmbedding`, since FBGEMM's fused Adam is lazy
+  (rows not looked up skip the step) and has no CPU kernel. The table is sharded with TorchRec's
+  DENSE compute kernel instead: TorchRec's backward (the same all-to-all, the same division by the
+  world size) accumulates a dense gradient of each rank's shard, and a hook steps the shard as
+  soon as it is accumulated, then drops the gradient: the rows the rank's lookups read, with their
+  summed gradients (`faithful` also steps every other row, with a zero loss gradient). One rule
+  fits the whole [W | s | padding] row, as W and s share lr and weight decay elementwise, and the
+  padding stays 0 (zero value, zero gradient). `fast` brings the rows a lookup reads up to date
+  before reading them, and every row before anything reads the shard (`nnz`, `pruned_weight`,
+  `export_store`, ...). The moments (2 values per table entry) and, in `fast` mode, the step of
+  each row live beside the shard on its rank; the dense gradient costs one more value per entry
+  during the backward. Each rank counts its own steps: every rank runs every backward, as the
+  collectives need anyway.
 
 The retrain table is the same machinery with the fixed mask as d columns of 0/1 beside W
-(`ShardedMaskedEmbedding`); its export is `MaskedEmbedding`'s.
+(`ShardedMaskedEmbedding`, which takes Adam without weight decay only: the decay would shrink the
+mask columns); its export is `MaskedEmbedding`'s.
 
 Counting and export gather nothing they do not need: `nnz()` counts each rank's shard and sums
 the counts (one all-reduce); `pruned_weight()` and `export_store()` all-gather the pruned shards
