@@ -1,0 +1,459 @@
+"""PEP tables sharded with TorchRec: `ShardedPEPEmbedding` (the search) and
+`ShardedMaskedEmbedding` (the retrain of a mask).
+
+Install the extras first: `pip install --no-deps -r requirements-torchrec.txt`.
+
+Design (why it is exact). The table W and the per-row thresholds s (modes `feature`,
+`feature_dim`) are stored side by side as one TorchRec table of width d + t (t = 1 or d), padded
+to a multiple of 4 columns (FBGEMM's requirement; the padding stays zero). So one sharding plan
+(row-wise or table-wise) places W and s together, and one lookup brings both. The lookup is a
+TorchRec `EmbeddingCollection` (unpooled: one row per id) fed a `KeyedJaggedTensor`; each rank
+then applies pep_kernels' fused soft-threshold op to the rows it got back, with the ids
+`arange(n)`, i.e. the op runs on already-gathered rows: its forward is the same kernel, on the
+same values, as a single-process `PEPEmbedding`, and its backward returns per-lookup row
+gradients, which flow back through TorchRec's all-to-all into FBGEMM's fused optimizer (the
+FUSED compute kernel: no gradient table is made; duplicate ids are summed before the update).
+Shared thresholds (`global`, `dimension`, `field`, `field_dim`) are an ordinary parameter
+replicated on every rank; its gradient is averaged over the ranks by a hook as soon as it is
+accumulated, so any torch optimizer then steps it identically everywhere.
+
+Loss convention: TorchRec divides embedding gradients by the world size (it matches
+DistributedDataParallel, which averages), so the sharded model trains on the mean of the
+per-rank losses. With equal per-rank batches and a per-rank mean loss this is the mean loss of
+the concatenated batch, and the sharded table follows a single-process `PEPEmbedding` trained
+on that batch, up to the order of float additions (tested to fp32 tolerance, 2 ranks, gloo).
+
+Optimizers (`optimizer=`, a `pep_kernels.optim` rule):
+
+- `SGD(lr)` -> FBGEMM's EXACT_SGD and `Adagrad(lr, eps)` -> EXACT_ADAGRAD (the FUSED compute
+  kernel): FBGEMM's kernels of these have no weight decay, so `weight_decay` must be 0;
+- `Adagrad(lr, eps, weight_decay, rowwise=True)` -> EXACT_ROWWISE_ADAGRAD with L2 (coupled)
+  weight decay, for shared-threshold modes with d a multiple of 4 only (its one state per table
+  row would otherwise mix W, s and the padding);
+- `Adam(lr, betas, eps, weight_decay, mode)`, the published PEP recipe (`faithful`, or `fast`):
+  pep_kernels' own row-optimizer kernels, as in `PEPEmbedding`, since FBGEMM's fused Adam is lazy
+  (rows not looked up skip the step) and has no CPU kernel. The table is sharded with TorchRec's
+  DENSE compute kernel instead: TorchRec's backward (the same all-to-all, the same division by the
+  world size) accumulates a dense gradient of each rank's shard, and a hook steps the shard as
+  soon as it is accumulated, then drops the gradient: the rows the rank's lookups read, with their
+  summed gradients (`faithful` also steps every other row, with a zero loss gradient). One rule
+  fits the whole [W | s | padding] row, as W and s share lr and weight decay elementwise, and the
+  padding stays 0 (zero value, zero gradient). `fast` brings the rows a lookup reads up to date
+  before reading them, and every row before anything reads the shard (`nnz`, `pruned_weight`,
+  `export_store`, ...). The moments (2 values per table entry) and, in `fast` mode, the step of
+  each row live beside the shard on its rank; the dense gradient costs one more value per entry
+  during the backward. Each rank counts its own steps: every rank runs every backward, as the
+  collectives need anyway.
+
+The retrain table is the same machinery with the fixed mask as d columns of 0/1 beside W
+(`ShardedMaskedEmbedding`, which takes Adam without weight decay only: the decay would shrink the
+mask columns); its export is `MaskedEmbedding`'s.
+
+Counting and export gather nothing they do not need: `nnz()` counts each rank's shard and sums
+the counts (one all-reduce); `pruned_weight()` and `export_store()` all-gather the pruned shards
+into one (N, d) table on every rank (O(N d) memory: for tables that fit one host).
+
+`nnz`, `sparsity`, `pruned_weight`, `full_weight`, `full_threshold`, `mask` and `export_store`
+are collectives, like the lookup itself: every rank calls them, in the same order. A bad id
+raises on the rank that holds it, before any communication; the other ranks then wait in the
+lookup's all-to-all, as with any collective whose peer failed.
+
+Not supported: column-wise and table-row-wise plans, and `DistributedModelParallel` wrapping
+(this module shards its own table; wrap the dense rest of a model in DDP yourself).
+"""
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+try:
+    from fbgemm_gpu.split_embedding_configs import EmbOptimType
+    from fbgemm_gpu.split_table_batched_embeddings_ops_training import DenseTableBatchedEmbeddingBagsCodegen
+    from fbgemm_gpu.tbe.config.optimizer_config import WeightDecayMode
+    from torchrec import EmbeddingCollection, EmbeddingConfig, KeyedJaggedTensor
+    from torchrec.distributed.embedding import EmbeddingCollectionSharder
+    from torchrec.distributed.embedding_types import EmbeddingComputeKernel
+    from torchrec.distributed.shard import shard
+    from torchrec.distributed.sharding_plan import row_wise, table_wise
+    from torchrec.distributed.types import ShardingEnv
+except ImportError as error:  # the optional extras
+    raise ImportError(
+        "pep_kernels.distributed needs torchrec and fbgemm-gpu: "
+        "pip install --no-deps -r requirements-torchrec.txt") from error
+
+from . import reference
+from ._validation import PER_FIELD, PER_ROW, check_gk, check_ids_in_range, mode_layout, threshold_shape
+from .functional import resolve_backend, soft_threshold_embedding
+from .ops.indices import offset_field_ids
+from .ops import optim as optim_ops
+from .optim import SGD, Adagrad, Adam, RowOptimizer
+from .store import SparseRowStore
+
+SHARDINGS = ("row_wise", "table_wise")
+_FEATURE = "ids"  # the one KeyedJaggedTensor key: every id of a batch, global row ids
+_TABLE = "pep"
+
+
+def fused_params(optimizer, extra_columns=None):
+    """FBGEMM fused-optimizer parameters for a `pep_kernels.optim` rule (ValueError where FBGEMM
+    has no rule with the same numbers). `extra_columns` names what the table row holds beside W
+    (None: nothing), which rowwise Adagrad's one state per row would mix in."""
+    if not isinstance(optimizer, RowOptimizer):
+        raise TypeError(f"optimizer must be a pep_kernels.optim rule (SGD, Adagrad), got {optimizer!r}")
+    if isinstance(optimizer, SGD):
+        if optimizer.weight_decay != 0:
+            raise ValueError(f"FBGEMM's fused SGD has no weight decay; got weight_decay={optimizer.weight_decay}")
+        return {"optimizer": EmbOptimType.EXACT_SGD, "learning_rate": optimizer.lr}
+    if isinstance(optimizer, Adagrad):
+        if not optimizer.rowwise:
+            if optimizer.weight_decay != 0:
+                raise ValueError("FBGEMM's fused element-wise Adagrad has no weight decay; got "
+                                 f"weight_decay={optimizer.weight_decay} (rowwise Adagrad has it)")
+            return {"optimizer": EmbOptimType.EXACT_ADAGRAD, "learning_rate": optimizer.lr, "eps": optimizer.eps}
+        if extra_columns is not None:
+            raise ValueError(f"rowwise Adagrad keeps one state per table row, and this table's rows hold "
+                             f"{extra_columns} beside W: its state would mix them; use Adagrad(rowwise=False)")
+        return {
+            "optimizer": EmbOptimType.EXACT_ROWWISE_ADAGRAD, "learning_rate": optimizer.lr, "eps": optimizer.eps,
+            "weight_decay": optimizer.weight_decay,
+            "weight_decay_mode": WeightDecayMode.L2 if optimizer.weight_decay else WeightDecayMode.NONE,
+        }
+    raise ValueError(
+        f"no FBGEMM fused rule matches {optimizer!r}: its fused Adam is lazy (skips rows not looked up) and has no "
+        "CPU kernel; the sharded tables run Adam with pep_kernels' own kernels instead")
+
+
+class _ShardedTable(nn.Module):
+    """What both sharded tables share: the TorchRec table of `table_width` columns (W in the
+    first d), the id contract, the lookup, and the gathered and counted pruned table."""
+
+    def _setup(self, num_embeddings, embedding_dim, extra_columns, extra_name, optimizer, field_dims, sharding,
+               table_rank, process_group, device):
+        for name, value in (("num_embeddings", num_embeddings), ("embedding_dim", embedding_dim)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if sharding not in SHARDINGS:
+            raise ValueError(f"unknown sharding {sharding!r}; expected one of {SHARDINGS}")
+        self.process_group = process_group if process_group is not None else dist.group.WORLD
+        self.world_size = dist.get_world_size(self.process_group)
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.sharding, self.optimizer = sharding, optimizer
+        self._set_field_dims(field_dims, device)
+        self.table_width = -(-(embedding_dim + extra_columns) // 4) * 4
+        beside = extra_name if extra_columns else None
+        if beside is None and self.table_width != embedding_dim:
+            beside = f"{self.table_width - embedding_dim} zero padding columns (FBGEMM needs a multiple of 4)"
+        config = EmbeddingConfig(name=_TABLE, embedding_dim=self.table_width, num_embeddings=num_embeddings,
+                                 feature_names=[_FEATURE])
+        collection = EmbeddingCollection(tables=[config], device=torch.device("meta"))
+        own_rule = isinstance(optimizer, Adam)
+        kernel = (EmbeddingComputeKernel.DENSE if own_rule else EmbeddingComputeKernel.FUSED).value
+        plan = row_wise(compute_kernel=kernel) if sharding == "row_wise" else table_wise(table_rank, compute_kernel=kernel)
+        sharder = EmbeddingCollectionSharder(fused_params=None if own_rule else fused_params(optimizer, beside))
+        env = ShardingEnv.from_process_group(self.process_group)
+        self.tables = shard(collection, {_TABLE: plan}, env, device, sharder)
+        if own_rule:
+            self._attach_adam(device)
+
+    def _attach_adam(self, device):
+        """Adam on this rank's shard with pep_kernels' row-optimizer kernels. The DENSE kernel's
+        table (FBGEMM's TBE inside TorchRec's lookup) gets TorchRec's own backward, all-to-all
+        included, as a dense gradient; a hook steps the shard as soon as it is accumulated, on the
+        rows this rank's lookups read (coalesced), and drops the gradient."""
+        # TorchRec keeps its lookups in a plain list, so they are not submodules to search.
+        modules = [m for lookup in self.tables._lookups for m in lookup.modules()
+                   if isinstance(m, DenseTableBatchedEmbeddingBagsCodegen)]
+        if len(modules) > 1:
+            raise ValueError(f"expected at most one table shard per rank, got {len(modules)}")
+        self.register_buffer("optimizer_step", torch.zeros((), dtype=torch.int64, device=device), persistent=False)
+        self._tbe, self._looked_up, self._schedule = None, [], None
+        self._optimizer_backend = resolve_backend("auto", device)
+        if not modules:  # table-wise, on a rank without the table
+            return
+        self._tbe = modules[0]
+        shard_rows = self._tbe.weights.detach().view(-1, self.table_width)
+        self._adam_state = [shard_rows, *(torch.zeros_like(shard_rows) for _ in range(2)),
+                            torch.zeros(shard_rows.shape[0] if self.optimizer.mode == "fast" else 0, dtype=torch.int64,
+                                        device=device)]
+        self._tbe.register_forward_pre_hook(self._before_lookup, with_kwargs=True)
+        self._tbe.weights.register_post_accumulate_grad_hook(self._adam_step)
+
+    def _before_lookup(self, module, args, kwargs):
+        """Records the shard rows a lookup reads (for the step), brings them up to date (`fast`),
+        and makes each id its own bag: FBGEMM's CPU dense kernel pools every bag even for an
+        unpooled table (fbgemm-gpu-cpu 1.8), so one id per bag gives the unpooled rows."""
+        indices = kwargs["indices"]
+        if torch.is_grad_enabled():
+            self._looked_up.append(indices.long())
+        self._catch_up(indices.long())
+        offsets = torch.arange(indices.numel() + 1, dtype=indices.dtype, device=indices.device)
+        return args, {**kwargs, "offsets": offsets}
+
+    def _adam_schedule(self, step):
+        """Adam's per-step factors up to `step`, grown by doubling (as `PEPEmbedding` does)."""
+        if self._schedule is None or self._schedule.shape[1] <= step:
+            self._schedule = self.optimizer.schedule(max(1024, 2 * step), torch.float32, self.optimizer_step.device)
+        return self._schedule
+
+    @torch.no_grad()
+    def _adam_step(self, weights):
+        """One Adam step of the shard: the looked-up rows with their summed gradients (kind
+        `adam`), and every other row with a zero loss gradient too (`adam_dense`)."""
+        step = int(self.optimizer_step) + 1
+        rows = torch.unique(torch.cat(self._looked_up)) if self._looked_up else weights.new_zeros(0, dtype=torch.int64)
+        self._looked_up.clear()
+        grads = weights.grad.view(-1, self.table_width)[rows]
+        weights.grad = None
+        optim_ops.row_optimizer_step(self._adam_state, rows, grads, self._adam_schedule(step), self.optimizer.kind,
+                                     self.optimizer.hparams(), step, self._optimizer_backend)
+        self.optimizer_step.fill_(step)
+
+    def _catch_up(self, rows):
+        """Adam `fast`: replays the skipped steps of shard `rows` (None: every row)."""
+        step = int(self.optimizer_step)
+        if self._tbe is None or self.optimizer.mode != "fast" or step == 0:
+            return
+        with torch.no_grad():
+            optim_ops.row_optimizer_catch_up(self._adam_state, rows, self._adam_schedule(step),
+                                             self.optimizer.hparams(), step, self._optimizer_backend)
+
+    def _set_field_dims(self, field_dims, device):
+        if field_dims is None:
+            self.field_dims = None
+            return
+        field_dims = [int(f) for f in field_dims]
+        if not field_dims or min(field_dims) < 1:
+            raise ValueError(f"field_dims must be a non-empty list of positive sizes, got {field_dims}")
+        if sum(field_dims) != self.num_embeddings:
+            raise ValueError(f"sum(field_dims) = {sum(field_dims)} must equal num_embeddings = {self.num_embeddings}")
+        self.register_buffer("field_dims", torch.tensor(field_dims, device=device), persistent=False)
+
+    def local_shards(self):
+        """[(first row, shard tensor (rows, table_width))] of this rank: views of FBGEMM's table,
+        every row up to date (`fast` Adam replays skipped steps first)."""
+        if isinstance(self.optimizer, Adam):
+            self._catch_up(None)
+        sharded = self.tables.state_dict()[f"embeddings.{_TABLE}.weight"]
+        return [(s.metadata.shard_offsets[0], s.tensor) for s in sharded.local_shards()]
+
+    def _lookup(self, indices):
+        """(rows (n, table_width) of this rank's ids in order, positions: arange(n) in the ids' shape)."""
+        if not isinstance(indices, torch.Tensor) or indices.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"indices must be an int32 or int64 tensor, got {getattr(indices, 'dtype', type(indices))}")
+        if self.field_dims is not None:
+            ids = offset_field_ids(indices, self.field_dims)
+        else:
+            check_ids_in_range(indices, self.num_embeddings)
+            ids = indices
+        values = ids.reshape(-1).long()
+        per_sample = ids.shape[-1] if ids.dim() else 1
+        lengths = torch.full((values.numel() // max(per_sample, 1),), per_sample, dtype=torch.int64, device=ids.device)
+        kjt = KeyedJaggedTensor.from_lengths_sync(keys=[_FEATURE], values=values, lengths=lengths)
+        rows = self.tables(kjt)[_FEATURE].values()
+        return rows, torch.arange(values.numel(), device=rows.device).reshape(ids.shape)
+
+    def _pruned_shards(self):
+        """[(first row, pruned rows (rows, d))] of this rank's shards."""
+        raise NotImplementedError
+
+    def nnz(self):
+        """Non-zero entries of the whole pruned table: each rank counts its shards, one all-reduce.
+        A collective, like `sparsity`, `pruned_weight` and `export_store`: every rank calls it."""
+        count = sum(int(torch.count_nonzero(rows)) for _, rows in self._pruned_shards())
+        total = torch.tensor([count], dtype=torch.int64)
+        dist.all_reduce(total, group=self.process_group)
+        return int(total)
+
+    def sparsity(self):
+        """Fraction of the table that is pruned, in [0, 1]."""
+        return 1.0 - self.nnz() / (self.num_embeddings * self.embedding_dim)
+
+    def _gather(self, shards, width):
+        """The full (N, width) table from every rank's [(first row, rows)], on every rank. A
+        row-wise or table-wise plan gives a rank at most one shard of the one table."""
+        if len(shards) > 1:
+            raise ValueError(f"expected at most one shard per rank, got {len(shards)}")
+        first, local = shards[0] if shards else (0, torch.zeros(0, width))
+        layout = torch.tensor([first, local.shape[0]], dtype=torch.int64)
+        layouts = [torch.empty_like(layout) for _ in range(self.world_size)]
+        dist.all_gather(layouts, layout, group=self.process_group)
+        padded = torch.zeros(max(int(l[1]) for l in layouts), width, dtype=local.dtype)
+        padded[:local.shape[0]] = local.cpu()
+        gathered = [torch.empty_like(padded) for _ in range(self.world_size)]
+        dist.all_gather(gathered, padded, group=self.process_group)
+        table = torch.zeros(self.num_embeddings, width, dtype=local.dtype)
+        for (first, count), rows in zip((l.tolist() for l in layouts), gathered):
+            table[first:first + count] = rows[:count]
+        return table
+
+    def _gather_columns(self, start, stop):
+        """Columns [start, stop) of the table, (N, stop - start), gathered on every rank (CPU)."""
+        return self._gather([(f, r[:, start:stop].float()) for f, r in self.local_shards()], stop - start)
+
+    @torch.no_grad()
+    def pruned_weight(self):
+        """The whole pruned table, (N, d), gathered on every rank (CPU)."""
+        return self._gather(self._pruned_shards(), self.embedding_dim)
+
+    @torch.no_grad()
+    def full_weight(self):
+        """W, (N, d), gathered on every rank (CPU)."""
+        return self._gather_columns(0, self.embedding_dim)
+
+    def export_store(self, values="fp32", encoding="auto"):
+        """One `SparseRowStore` of the whole pruned table, built on every rank from the gathered
+        shards: the same bytes as `SparseRowStore.from_module` of the single-process module
+        (`PEPEmbedding`, `MaskedEmbedding`) holding this table."""
+        return SparseRowStore.from_dense(self.pruned_weight(), values=values, encoding=encoding)
+
+
+class ShardedPEPEmbedding(_ShardedTable):
+    """A `PEPEmbedding` whose table (W and per-row thresholds) is sharded over the ranks of a
+    process group by TorchRec (`sharding="row_wise"`, or `"table_wise"` on rank `table_rank`).
+
+    Same contract as `PEPEmbedding`: global ids, or with `field_dims` per-field local ids
+    `(..., F)`; each rank passes its own batch and gets its own outputs. The table trains itself
+    in the backward with `optimizer` (see the module docstring); a shared threshold is a
+    replicated parameter for a torch optimizer. `weight` and `threshold` (full tables, the same on
+    every rank; each rank copies its shard) start the table from given values, e.g. a
+    `PEPEmbedding`'s; without them each shard is Xavier-uniform over (N, d) from a generator seeded
+    with `seed` and its row offset, and thresholds start at `threshold_init`.
+    """
+
+    def __init__(
+        self, num_embeddings, embedding_dim, *, optimizer, threshold_mode="feature_dim", threshold_init=-15.0,
+        gk=1.0, field_dims=None, sharding="row_wise", table_rank=0, process_group=None, weight=None,
+        threshold=None, seed=0, backend="auto", device=None,
+    ):
+        super().__init__()
+        row_source, per_dim = mode_layout(threshold_mode)
+        if field_dims is None and row_source == PER_FIELD:
+            raise ValueError(f"threshold_mode {threshold_mode!r} needs field_dims")
+        device = torch.device("cpu") if device is None else torch.device(device)
+        resolve_backend(backend, device)
+        self.threshold_mode, self.gk, self.backend = threshold_mode, check_gk(gk), backend
+        self.threshold_columns = (embedding_dim if per_dim else 1) if row_source == PER_ROW else 0
+        self._setup(num_embeddings, embedding_dim, self.threshold_columns, "the per-row thresholds", optimizer,
+                    field_dims, sharding, table_rank, process_group, device)
+        num_fields = None if self.field_dims is None else self.field_dims.numel()
+        expected = threshold_shape(threshold_mode, num_embeddings, embedding_dim, num_fields)
+        for name, value, shape in (("weight", weight, (num_embeddings, embedding_dim)), ("threshold", threshold, expected)):
+            if value is not None and tuple(value.shape) != shape:
+                raise ValueError(f"{name} must have shape {shape}, got {tuple(value.shape)}")
+        if row_source == PER_ROW:
+            self.threshold = None
+        else:
+            start = threshold if threshold is not None else torch.full(expected, float(threshold_init))
+            self.threshold = nn.Parameter(start.detach().to(device=device, dtype=torch.float32).clone())
+            self.threshold.register_post_accumulate_grad_hook(self._average_gradient)
+        self._fill_shards(weight, threshold, threshold_init, seed)
+
+    def _average_gradient(self, param):
+        """The replicated threshold's gradient, averaged over the ranks (as DDP would)."""
+        dist.all_reduce(param.grad, group=self.process_group)
+        param.grad.div_(self.world_size)
+
+    @torch.no_grad()
+    def _fill_shards(self, weight, threshold, threshold_init, seed):
+        d, t = self.embedding_dim, self.threshold_columns
+        bound = (6.0 / (self.num_embeddings + d)) ** 0.5  # nn.init.xavier_uniform_ on (N, d)
+        for first, rows in self.local_shards():
+            count = rows.shape[0]
+            rows.zero_()
+            if weight is not None:
+                rows[:, :d] = weight[first:first + count].to(rows)
+            else:
+                generator = torch.Generator().manual_seed(seed * 1_000_003 + first)
+                rows[:, :d] = torch.empty(count, d).uniform_(-bound, bound, generator=generator).to(rows)
+            if t:
+                rows[:, d:d + t] = threshold[first:first + count].to(rows) if threshold is not None else threshold_init
+
+    def forward(self, indices):
+        rows, positions = self._lookup(indices)
+        d, t = self.embedding_dim, self.threshold_columns
+        threshold = rows[:, d:d + t] if t else self.threshold
+        return soft_threshold_embedding(positions, rows[:, :d], threshold, mode=self.threshold_mode, gk=self.gk,
+                                        backend=self.backend)
+
+    @torch.no_grad()
+    def _pruned_shards(self):
+        d, t = self.embedding_dim, self.threshold_columns
+        pruned = []
+        for first, rows in self.local_shards():
+            # Contiguous copies: torch's vectorized sigmoid can differ from its strided one by an
+            # ulp, and PEPEmbedding.pruned_weight reads contiguous tensors.
+            weight = rows[:, :d].float().contiguous()
+            if t:
+                threshold = rows[:, d:d + t].float().contiguous()
+            elif self.field_dims is not None and mode_layout(self.threshold_mode)[0] == PER_FIELD:
+                fields = reference.field_of_rows(self.field_dims.cpu())[first:first + rows.shape[0]]
+                threshold = self.threshold.detach()[fields.to(self.threshold.device)]
+            else:
+                threshold = self.threshold.detach()
+            pruned.append((first, reference.soft_threshold_values(weight, threshold, self.gk)))
+        return pruned
+
+    @torch.no_grad()
+    def full_threshold(self):
+        """The threshold in its mode's shape: per-row thresholds gathered, a shared one as is."""
+        if self.threshold is not None:
+            return self.threshold.detach().clone()
+        return self._gather_columns(self.embedding_dim, self.embedding_dim + self.threshold_columns)
+
+    def extra_repr(self):
+        fields = "" if self.field_dims is None else f", fields={self.field_dims.numel()}"
+        return (f"{self.num_embeddings}, {self.embedding_dim}, threshold_mode={self.threshold_mode!r}, gk={self.gk}"
+                f"{fields}, sharding={self.sharding!r}, world_size={self.world_size}, optimizer={self.optimizer!r}")
+
+
+class ShardedMaskedEmbedding(_ShardedTable):
+    """The retrain stage (`MaskedEmbedding`) sharded the same way: a fixed mask, no threshold.
+
+    The mask rides in the table row as d columns of 0/1 beside W (so one plan shards both and one
+    lookup brings both); the lookup multiplies W's columns by `mask != 0`, which has no gradient,
+    so the fused optimizer leaves the mask columns as they are (SGD and Adagrad without weight
+    decay: a zero gradient changes nothing) and pruned entries stay exactly zero. Built from full
+    tables `weight` and `mask` (the same on every rank, e.g. the initial weights and a search
+    snapshot's `!= 0`), with the `field_dims` contract of `MaskedEmbedding`. The price is d more
+    fp32 columns per row during the retrain; the export keeps only W's non-zeros.
+    """
+
+    def __init__(self, weight, mask, *, optimizer, field_dims=None, sharding="row_wise", table_rank=0,
+                 process_group=None, device=None):
+        super().__init__()
+        if weight.dim() != 2 or tuple(mask.shape) != tuple(weight.shape):
+            raise ValueError(f"weight must be 2-D and mask of its shape, got {tuple(weight.shape)} and {tuple(mask.shape)}")
+        device = torch.device("cpu") if device is None else torch.device(device)
+        if isinstance(optimizer, Adam) and optimizer.weight_decay != 0:
+            raise ValueError(f"Adam's weight decay would decay the mask columns of the table rows; got weight_decay="
+                             f"{optimizer.weight_decay}, only 0 is supported by ShardedMaskedEmbedding")
+        num_embeddings, embedding_dim = weight.shape
+        self._setup(num_embeddings, embedding_dim, embedding_dim, "the mask", optimizer, field_dims, sharding,
+                    table_rank, process_group, device)
+        d = embedding_dim
+        with torch.no_grad():
+            for first, rows in self.local_shards():
+                keep = mask[first:first + rows.shape[0]].to(torch.bool)
+                rows.zero_()
+                rows[:, :d] = (weight[first:first + rows.shape[0]] * keep).to(rows)
+                rows[:, d:2 * d] = keep.to(rows)
+
+    def forward(self, indices):
+        rows, positions = self._lookup(indices)
+        d = self.embedding_dim
+        out = rows[:, :d] * (rows[:, d:2 * d] != 0).to(rows.dtype)
+        return out.reshape(*positions.shape, d)
+
+    @torch.no_grad()
+    def _pruned_shards(self):
+        d = self.embedding_dim
+        return [(first, rows[:, :d].float() * (rows[:, d:2 * d] != 0)) for first, rows in self.local_shards()]
+
+    def mask(self):
+        """The fixed mask, (N, d) bool, gathered on every rank."""
+        return self._gather_columns(self.embedding_dim, 2 * self.embedding_dim) != 0
+
+    def extra_repr(self):
+        fields = "" if self.field_dims is None else f", fields={self.field_dims.numel()}"
+        return (f"{self.num_embeddings}, {self.embedding_dim}{fields}, sharding={self.sharding!r}, "
+                f"world_size={self.world_size}, optimizer={self.optimizer!r}")
