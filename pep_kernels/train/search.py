@@ -5,6 +5,10 @@ drops to or below the largest remaining budget, save the pruned table under its 
 retire that budget (at most one per step). The step-0 table and the full initial state of every
 parameter are saved first; search stops when every budget is used or the epochs run out.
 
+How the count falls is the `pruning`: "budget" (the default) plans it and steers the threshold
+scale gk from the counts so that each budget is passed at its planned step (`controller`);
+"faithful" is the published recipe, gk fixed and pruning at the pace of the thresholds' drift.
+
 The table trains with the fused row optimizer of `pep_kernels.optim`: Adam with coupled L2,
 `training="faithful"` (every row every step, the published recipe) or `"fast"` (looked-up rows
 only, skipped steps replayed exactly: the same numbers). The rest of the model (and shared
