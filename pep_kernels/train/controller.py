@@ -16,10 +16,12 @@ Feedback: the threshold scale `gk` (t = gk * sigmoid(s), a scalar argument of th
 changing it costs nothing) is set from the counts the search already takes, every
 `count_every` steps. The error is e = ln(measured) - ln(planned); `ln gk` moves by a step
 `delta` in the direction of the error, and `delta` grows by `GROW` while the error keeps its
-sign and shrinks by `SHRINK` when it flips (sign-adaptive steps, as in Rprop). The step adapts
-to whatever the count's sensitivity to `gk` is (it changes by orders of magnitude between a
-threshold_init of -15, where gk must reach ~1e4 before anything prunes, and -4), needing no model
-of W's distribution. Raising gk prunes; lowering it un-prunes, so an overshoot is undone.
+sign and shrinks by `SHRINK` when it flips (sign-adaptive steps, as in Rprop), and the step is
+at most a Newton step |e| / k on a running estimate k of -d ln(count) / d ln(gk). The
+sign-adaptive part finds the working range of gk, whatever it is (with threshold_init -15 gk must
+reach ~1e4 before anything prunes, with -4 it works near 1), needing no model of W's
+distribution; the Newton cap keeps a sensitive count from being pushed past the plan. Raising gk
+prunes; lowering it un-prunes, so an overshoot is undone.
 
 Counting is still the only pass over the table; the controller adds arithmetic on two numbers.
 """
@@ -34,7 +36,7 @@ DEADBAND = 1e-3  # |e| below this (0.1% of the count) leaves gk alone
 # at most |e| / max(k, 1), Newton's step, so that a sensitive table (one shared threshold, high
 # sparsity) is not pushed past the plan and set oscillating.
 SENSITIVITY_RATE, SENSITIVITY_MAX, SENSITIVITY_MIN_CHANGE = 0.3, 50.0, 1e-3
-# Each segment of the plan passes its budget at this fraction of its cubic, still falling (at 15%
+# Each segment of the plan passes its budget at this fraction of its cubic, still falling (at about 10%
 # of the segment's mean slope): a cubic that flattens exactly at the budget would let noise of a
 # few counts decide the step at which the budget is passed.
 ARRIVAL = 0.8
