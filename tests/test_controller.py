@@ -164,3 +164,18 @@ def test_cli_search_plans_by_default(tmp_path, capsys):
               "--pruning", "faithful", "--steps", "10"])
     assert "--pruning faithful has no plan" in capsys.readouterr().err
     assert math.isfinite(summary["final_nnz"])
+
+
+@pytest.mark.parametrize("pruning", ["budget", "faithful"])
+def test_the_controller_uses_only_the_counts_the_search_takes(tmp_path, data, monkeypatch, pruning):
+    """No extra pass over the table: one count every count_every steps and one at the end, either way."""
+    from pep_kernels import PEPEmbedding
+
+    calls = []
+    count = PEPEmbedding.nnz
+    monkeypatch.setattr(PEPEmbedding, "nnz", lambda self: calls.append(1) or count(self))
+    options = dict(SEARCH, count_every=4, training="fast", epochs=1)
+    if pruning == "faithful":
+        options.update(steps=None, pruning="faithful")
+    summary = search(spec(), *data, tmp_path, BUDGETS, **options)
+    assert len(calls) == len(summary["history"]) + 1 == summary["steps"] // 4 + 1
