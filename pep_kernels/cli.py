@@ -56,17 +56,23 @@ def _common(parser, epochs):
 
 def cmd_search(args):
     from .train import search
+    from .train.report import planned_vs_reached_lines, plot_planned_vs_reached
     from .train.spec import RunSpec
 
     field_dims, ((x, y), _, _) = _splits(args)
     spec = RunSpec(args.model, field_dims, args.embedding_dim, threshold_mode=args.threshold_mode,
                    threshold_init=args.threshold_init)
+    if args.pruning == "faithful" and args.steps is not None:
+        raise ValueError("--steps plans the budget pruning; --pruning faithful has no plan")
     summary = search(spec, x, y, args.out, args.budgets, epochs=args.epochs, lr=args.lr,
                      weight_decay=args.weight_decay, batch_size=args.batch_size, seed=args.seed,
                      device=args.device, backend=args.backend, training=args.training,
-                     count_every=args.count_every, log=log)
+                     count_every=args.count_every, pruning=args.pruning, steps=args.steps, log=log)
     for snap in summary["snapshots"]:
         print(f"step {snap['step']:>7}  non-zeros {snap['nnz']:>10}  sparsity {snap['sparsity']:.2%}  {snap['path']}")
+    print("\n".join(planned_vs_reached_lines(summary)))
+    plot_planned_vs_reached(summary, args.out / "planned_vs_reached.png")
+    print(f"plot: {args.out / 'planned_vs_reached.png'}")
     if summary["unreached"]:
         print(f"budgets not reached in {args.epochs} epochs: {summary['unreached']}")
 
@@ -159,8 +165,14 @@ def main(argv=None):
     p = commands.add_parser("search", help="budgeted PEP search: snapshots of the pruned table at each budget")
     _common(p, epochs=10)
     p.add_argument("--out", required=True, type=Path, help="run folder (an existing one resumes)")
-    p.add_argument("--budgets", required=True, type=float, nargs="+",
-                   help="sparsity targets in (0, 1) or non-zero counts, e.g. 0.8 0.9 0.95")
+    p.add_argument("--budgets", required=True, nargs="+",
+                   help="sparsity targets in (0, 1), non-zero counts or sparse-store bytes (24000B), e.g. 0.8 0.9 0.95")
+    p.add_argument("--pruning", default="budget", choices=["budget", "faithful"],
+                   help="budget: a controller passes each budget on a planned schedule (default); faithful: the "
+                        "published recipe, pruning at the thresholds' own pace")
+    p.add_argument("--steps", type=int,
+                   help="step budget of the plan: the last budget is planned for this step (default: every step "
+                        "of --epochs)")
     p.add_argument("--model", default="fm", choices=sorted(MODELS))
     p.add_argument("--embedding-dim", type=int, default=16)
     p.add_argument("--threshold-mode", default="feature_dim")

@@ -74,7 +74,7 @@ def one_seed(model_name, seed, data, epochs, count_every, swaps, work):
         run_dir = work / f"{model_name}-{seed}-{training}"
         start = time.perf_counter()
         run = search(spec, *train, run_dir, BUDGETS, epochs=epochs, lr=RECIPE["lr"], seed=seed, training=training,
-                     count_every=count_every, log=lambda *_: None)
+                     count_every=count_every, pruning="faithful", log=lambda *_: None)
         seconds = time.perf_counter() - start
         target = dict(zip(budget_counts(BUDGETS, run["table_size"]), sorted(BUDGETS)))
         budgets = {}

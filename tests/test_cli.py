@@ -48,7 +48,7 @@ def test_demo_writes_table_and_plots(tmp_path, capsys):
     main(["demo", *DATA, "--epochs", "2", "--out", str(tmp_path / "demo")])
     out = capsys.readouterr().out
     assert "full table" in out and "test AUC" in out and "published recipe" in out
-    for name in ("auc_vs_parameters.png", "search_history.png", "demo.json"):
+    for name in ("auc_vs_parameters.png", "planned_vs_reached.png", "demo.json"):
         assert (tmp_path / "demo" / name).stat().st_size > 0
 
 

@@ -38,7 +38,7 @@ from pep_kernels.train.spec import RunSpec
 
 FIELD_DIMS = [40, 25, 10, 5]
 BUDGETS = [0.2, 0.4, 0.6, 0.99]  # 0.2 and 0.4 are reached (steps 2 and 36), 0.6 and 0.99 are not
-SEARCH = dict(epochs=4, lr=1e-2, batch_size=128, checkpoint_every=5, training="faithful")
+SEARCH = dict(epochs=4, lr=1e-2, batch_size=128, checkpoint_every=5, training="faithful", pruning="faithful")
 TESTS = Path(__file__).resolve().parent
 
 

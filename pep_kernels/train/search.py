@@ -5,6 +5,10 @@ drops to or below the largest remaining budget, save the pruned table under its 
 retire that budget (at most one per step). The step-0 table and the full initial state of every
 parameter are saved first; search stops when every budget is used or the epochs run out.
 
+How the count falls is the `pruning`: "budget" (the default) plans it and steers the threshold
+scale gk from the counts so that each budget is passed at its planned step (`controller`);
+"faithful" is the published recipe, gk fixed and pruning at the pace of the thresholds' drift.
+
 The table trains with the fused row optimizer of `pep_kernels.optim`: Adam with coupled L2,
 `training="faithful"` (every row every step, the published recipe) or `"fast"` (looked-up rows
 only, skipped steps replayed exactly: the same numbers). The rest of the model (and shared
@@ -27,18 +31,30 @@ import torch
 
 from ..optim import Adam
 from . import checkpoint
+from .controller import BudgetController, cubic_planned_steps
 from .loop import epoch_order, make_optimizer, train_steps
 from .spec import RunSpec
 
 TRAINING_MODES = Adam.MODES
 RUN_FILES = ("initial.safetensors", "checkpoint.safetensors", "snapshot-step*.safetensors", "search.json")
+PRUNING_MODES = ("budget", "faithful")
 
 
-def budget_counts(budgets, table_size):
+def budget_counts(budgets, table_size, embedding_dim=None):
     """Budgets as non-zero counts, largest first. A value in (0, 1) is a sparsity target
-    (0.9: at most 10% of the table non-zero); a whole number >= 1 is a count."""
+    (0.9: at most 10% of the table non-zero); a whole number >= 1 is a count; a string such as
+    "24000B" is a size in bytes of the sparse-row store (`report.sparse_bytes`; needs
+    `embedding_dim`), turned into the largest count that fits."""
     counts = set()
     for b in budgets:
+        if isinstance(b, str) and b.endswith("B") and b[:-1].isdigit():
+            counts.add(_count_for_bytes(int(b[:-1]), table_size, embedding_dim))
+            continue
+        try:
+            b = float(b)
+        except ValueError:
+            raise ValueError(f"budget {b!r} is neither a sparsity in (0, 1), a non-zero count >= 1 nor bytes "
+                             "like 24000B") from None
         if 0 < b < 1:
             counts.add(int(math.floor((1 - b) * table_size + 1e-9)))
         elif b >= 1 and float(b).is_integer():
@@ -46,6 +62,22 @@ def budget_counts(budgets, table_size):
         else:
             raise ValueError(f"budget {b!r} is neither a sparsity in (0, 1) nor a non-zero count >= 1")
     return sorted(counts, reverse=True)
+
+
+def _count_for_bytes(num_bytes, table_size, embedding_dim):
+    from .report import sparse_bytes  # report pulls in matplotlib; only bytes budgets need it
+
+    if embedding_dim is None:
+        raise ValueError(f"a budget in bytes ({num_bytes}B) needs the embedding dim")
+    num_rows = table_size // embedding_dim
+    if sparse_bytes(num_rows, embedding_dim, 1) > num_bytes:
+        raise ValueError(f"{num_bytes}B is smaller than a {num_rows} x {embedding_dim} store with one non-zero "
+                         f"({sparse_bytes(num_rows, embedding_dim, 1)}B)")
+    low, high = 1, table_size  # sparse_bytes grows with the count: the largest count that fits
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if sparse_bytes(num_rows, embedding_dim, mid) <= num_bytes else (low, mid - 1)
+    return low
 
 
 def _snapshot(out_dir, step, embedding, budget):
@@ -57,16 +89,34 @@ def _snapshot(out_dir, step, embedding, budget):
     return dict(meta, path=path.name)
 
 
+def _planned_vs_reached(counts, state):
+    """Per budget: its planned step (budget pruning), the step it was reached at and the count there."""
+    reached = {snap["budget"]: snap for snap in state["snapshots"][1:]}
+    planned = state["plan"]["planned_steps"] if "plan" in state else [None] * len(counts)
+    return [{"budget": count, "planned_step": plan, "reached_step": reached[count]["step"] if count in reached else None,
+             "nnz": reached[count]["nnz"] if count in reached else None} for count, plan in zip(counts, planned)]
+
+
 def search(spec, x, y, out_dir, budgets, *, epochs=10, lr=1e-3, weight_decay=1e-5, batch_size=1024,
            clip_norm=100.0, seed=0, device="cpu", backend="auto", training="faithful", count_every=1,
-           checkpoint_every=1000, log=print):
-    """Runs (or resumes) a budgeted PEP search on (x, y); returns the summary also written to search.json."""
+           checkpoint_every=1000, pruning="budget", steps=None, planned_steps=None, log=print):
+    """Runs (or resumes) a budgeted PEP search on (x, y); returns the summary also written to search.json.
+
+    `pruning="budget"` steers the thresholds' scale gk so that the count passes each budget at its
+    planned step (`controller`): `planned_steps` (one per budget, largest budget first), or by
+    default the crossings of a cubic plan ending at the step budget `steps` (default: every step
+    of `epochs`). `pruning="faithful"` is the published recipe: gk stays at the spec's value and
+    pruning comes from the thresholds' own drift. Either way the search stops at the last budget."""
     if not isinstance(spec, RunSpec):
         raise TypeError(f"spec must be a RunSpec, got {type(spec).__name__}")
     if training not in TRAINING_MODES:
         raise ValueError(f"unknown training mode {training!r}; expected one of {TRAINING_MODES}")
     if isinstance(count_every, bool) or not isinstance(count_every, int) or count_every < 1:
         raise ValueError(f"count_every must be a positive int, got {count_every!r}")
+    if pruning not in PRUNING_MODES:
+        raise ValueError(f"unknown pruning {pruning!r}; expected one of {PRUNING_MODES}")
+    if pruning == "faithful" and (steps is not None or planned_steps is not None):
+        raise ValueError("steps and planned_steps plan the budget pruning; faithful pruning has no plan")
     out_dir, device = Path(out_dir), torch.device(device)
     if out_dir.is_dir():  # leftovers of writes killed before their rename (this run's files only)
         checkpoint.remove_stale_temporaries(out_dir, RUN_FILES)
@@ -75,9 +125,18 @@ def search(spec, x, y, out_dir, budgets, *, epochs=10, lr=1e-3, weight_decay=1e-
     model = spec.build(spec.pep_embedding(backend, optimizer=table_optimizer)).to(device)
     embedding = model.embedding
     optimizer = make_optimizer(model, lr, weight_decay)
-    remaining = budget_counts(budgets, spec.num_embeddings * spec.embedding_dim)
+    remaining = budget_counts(budgets, spec.num_embeddings * spec.embedding_dim, spec.embedding_dim)
+    if planned_steps is not None and len(planned_steps) != len(remaining):
+        raise ValueError(f"need one planned step per budget: {len(remaining)} budgets {remaining}, "
+                         f"planned steps {list(planned_steps)}")
+    available = epochs * math.ceil(len(y) / batch_size)
+    if steps is None:
+        steps = available
+    plan_end = max(planned_steps) if planned_steps is not None else steps
+    if pruning == "budget" and plan_end > available:
+        log(f"warning: the plan ends at step {plan_end}, past the {available} steps of {epochs} epochs")
     state = {"step": 0, "epoch": 0, "batch": 0, "remaining": list(remaining), "snapshots": []}
-    history = []  # (step, nnz, mean threshold) after every counted step
+    history = []  # (step, nnz, mean threshold, gk) after every counted step
 
     ckpt_path = out_dir / "checkpoint.safetensors"
     if ckpt_path.exists():
@@ -87,19 +146,34 @@ def search(spec, x, y, out_dir, budgets, *, epochs=10, lr=1e-3, weight_decay=1e-
         model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
         checkpoint.load_optimizer(optimizer, tensors)
         torch.set_rng_state(tensors["rng"])
-        history = tensors["history"].tolist()
+        history = [h + [spec.gk] * (4 - len(h)) for h in tensors["history"].tolist()]  # older runs kept no gk
         state = meta["state"]
+        if meta.get("pruning", "faithful") != pruning:
+            raise ValueError(f"{ckpt_path} was searched with {meta.get('pruning', 'faithful')} pruning, not {pruning}")
         log(f"resumed {out_dir} at step {state['step']} (epoch {state['epoch'] + 1}, batch {state['batch']})")
     else:
         checkpoint.save(out_dir / "initial.safetensors", model.state_dict(), {"spec": spec.to_dict(), "seed": seed})
         state["snapshots"].append(_snapshot(out_dir, 0, embedding, None))
+        if pruning == "budget":
+            initial_nnz = state["snapshots"][0]["nnz"]
+            plan = list(planned_steps) if planned_steps is not None else cubic_planned_steps(remaining, initial_nnz, steps)
+            state["plan"] = {"initial_nnz": initial_nnz, "planned_steps": plan}
+    controller = None
+    if pruning == "budget":
+        controller = BudgetController(remaining, state["plan"]["planned_steps"], state["plan"]["initial_nnz"], spec.gk)
+        if "controller" in state:
+            controller.load_state_dict(state["controller"])
+        embedding.gk = controller.gk
 
     def save_checkpoint():
         tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
         tensors.update(checkpoint.optimizer_tensors(optimizer))
         tensors["rng"] = torch.get_rng_state()
-        tensors["history"] = torch.tensor(history, dtype=torch.float64).reshape(-1, 3)
-        checkpoint.save(ckpt_path, tensors, {"spec": spec.to_dict(), "seed": seed, "training": training, "state": state})
+        tensors["history"] = torch.tensor(history, dtype=torch.float64).reshape(-1, 4)
+        if controller is not None:
+            state["controller"] = controller.state_dict()
+        checkpoint.save(ckpt_path, tensors, {"spec": spec.to_dict(), "seed": seed, "training": training,
+                                             "pruning": pruning, "state": state})
 
     def after_step(loss):
         state["step"] += 1
@@ -107,11 +181,13 @@ def search(spec, x, y, out_dir, budgets, *, epochs=10, lr=1e-3, weight_decay=1e-
         if state["step"] % count_every:
             return False
         nnz = embedding.nnz()
-        history.append([state["step"], nnz, float(embedding.threshold.detach().float().mean())])
+        history.append([state["step"], nnz, float(embedding.threshold.detach().float().mean()), embedding.gk])
         if state["remaining"] and nnz <= state["remaining"][0]:
             snap = _snapshot(out_dir, state["step"], embedding, state["remaining"].pop(0))
             state["snapshots"].append(snap)
             log(f"step {state['step']}: {nnz} non-zeros ({snap['sparsity']:.1%} sparse) <= budget {snap['budget']}")
+        if controller is not None and state["remaining"]:
+            embedding.gk = controller.update(state["step"], nnz)
         if state["step"] % checkpoint_every == 0:
             save_checkpoint()
         return not state["remaining"]
@@ -128,7 +204,8 @@ def search(spec, x, y, out_dir, budgets, *, epochs=10, lr=1e-3, weight_decay=1e-
     summary = {
         "spec": spec.to_dict(), "seed": seed, "training": training, "steps": state["step"], "budgets": remaining,
         "unreached": state["remaining"], "snapshots": state["snapshots"],
-        "final_nnz": embedding.nnz(), "table_size": spec.num_embeddings * spec.embedding_dim,
+        "final_nnz": embedding.nnz(), "table_size": spec.num_embeddings * spec.embedding_dim, "pruning": pruning,
+        "plan": state.get("plan"), "targets": _planned_vs_reached(remaining, state),
     }
     checkpoint.save_text(out_dir / "search.json", json.dumps(summary, indent=1))
     summary["history"] = history

@@ -1,0 +1,133 @@
+"""Steering a PEP search to its budgets on schedule (the `budget` pruning of `search`).
+
+Left alone (`faithful` pruning, the published recipe), PEP prunes at the pace of the implicit
+Adam-L2 drift of W and s (PEP_SPEC section 3): when a budget is reached depends on lr, decay,
+threshold_init, table size and feature frequencies. The controller turns that into a plan.
+
+Plan: a curve of non-zero counts over steps. From the step-0 count it eases into each budget by
+its planned step along a cubic, `n = n_a - (n_a - n_b) * (1 - (1 - x)^3) / (1 - (1 - 0.8)^3)`
+with `x` running from 0 to 0.8 over the segment: pruning is fastest early in each segment and
+slows into the budget (the schedule of gradual magnitude pruning, Zhu & Gupta 2017), but still
+falls when it passes it, so that the step it is passed at is well defined. By default the planned
+steps are where one cubic from the step-0 sparsity to the last budget's, over the step budget,
+crosses each budget.
+
+Feedback: the threshold scale `gk` (t = gk * sigmoid(s), a scalar argument of the kernels, so
+changing it costs nothing) is set from the counts the search already takes, every
+`count_every` steps. The error is e = ln(measured) - ln(planned); `ln gk` moves by a step
+`delta` in the direction of the error, and `delta` grows by `GROW` while the error keeps its
+sign and shrinks by `SHRINK` when it flips (sign-adaptive steps, as in Rprop), and the step is
+at most a Newton step |e| / k on a running estimate k of -d ln(count) / d ln(gk). The
+sign-adaptive part finds the working range of gk, whatever it is (with threshold_init -15 gk must
+reach ~1e4 before anything prunes, with -4 it works near 1), needing no model of W's
+distribution; the Newton cap keeps a sensitive count from being pushed past the plan. Raising gk
+prunes; lowering it un-prunes, so an overshoot is undone.
+
+Counting is still the only pass over the table; the controller adds arithmetic on two numbers.
+"""
+
+import math
+
+GROW, SHRINK = 1.5, 0.5
+FIRST_DELTA, MIN_DELTA, MAX_DELTA = 0.05, 1e-4, 2.0
+LOG_GK_RANGE = (-30.0, 30.0)  # gk within about [1e-13, 1e13]: far beyond any useful threshold
+DEADBAND = 1e-3  # |e| below this (0.1% of the count) leaves gk alone
+# Sensitivity k = -d ln(count) / d ln(gk), a running mean of what the last changes did; a step is
+# at most |e| / max(k, 1), Newton's step, so that a sensitive table (one shared threshold, high
+# sparsity) is not pushed past the plan and set oscillating.
+SENSITIVITY_RATE, SENSITIVITY_MAX, SENSITIVITY_MIN_CHANGE = 0.3, 50.0, 1e-3
+# Each segment of the plan passes its budget at this fraction of its cubic, still falling (at about 10%
+# of the segment's mean slope): a cubic that flattens exactly at the budget would let noise of a
+# few counts decide the step at which the budget is passed.
+ARRIVAL = 0.8
+
+
+def _ease(x):
+    return 1 - (1 - x) ** 3
+
+
+def cubic_planned_steps(counts, initial_nnz, steps):
+    """Planned step of each count (largest first): where the cubic from `initial_nnz` at step 0 to
+    the last count at `steps` crosses it."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"the step budget must be a positive int, got {steps!r}")
+    last = counts[-1]
+    planned = []
+    for count in counts:
+        if count >= initial_nnz or initial_nnz == last:
+            planned.append(1)
+            continue
+        # initial - (initial - last) * (1 - (1 - x)^3) = count
+        fraction = (initial_nnz - count) / (initial_nnz - last)
+        x = 1 - (1 - fraction) ** (1 / 3)
+        planned.append(max(1, round(x * steps)))
+    for i in range(1, len(planned)):  # budgets met at step 0, or closer than a step apart
+        planned[i] = max(planned[i], planned[i - 1] + 1)
+    return planned
+
+
+class BudgetController:
+    """Plans the non-zero count over steps and sets gk to follow the plan.
+
+    `counts`: the budgets as non-zero counts, largest first; `planned_steps`: the step at which each
+    is to be passed, ascending; `initial_nnz`: the step-0 count. `update(step, nnz)` returns the gk
+    for the next steps.
+    """
+
+    def __init__(self, counts, planned_steps, initial_nnz, gk=1.0):
+        counts, planned_steps = list(counts), list(planned_steps)
+        if len(counts) != len(planned_steps) or not counts:
+            raise ValueError(f"need one planned step per budget, got {len(planned_steps)} steps for {len(counts)} budgets")
+        if counts != sorted(counts, reverse=True):
+            raise ValueError(f"budgets must be given largest first, got {counts}")
+        if any(isinstance(s, bool) or not isinstance(s, int) for s in planned_steps) or \
+                any(b <= a for a, b in zip([0] + planned_steps, planned_steps)):
+            raise ValueError(f"planned steps must be positive ints, strictly increasing, got {planned_steps}")
+        if gk <= 0:
+            raise ValueError(f"the controller scales gk multiplicatively; it must start > 0, got {gk}")
+        self.counts, self.planned_steps, self.initial_nnz = counts, planned_steps, int(initial_nnz)
+        self.log_gk, self.delta, self.last_sign = math.log(gk), FIRST_DELTA, 0
+        self.last_change, self.last_log_nnz, self.sensitivity = 0.0, None, 1.0
+
+    @property
+    def gk(self):
+        return math.exp(self.log_gk)
+
+    def planned_nnz(self, step):
+        """The plan's count at `step`; past the last planned step the last segment runs on to its end."""
+        start_step, start = 0, self.initial_nnz
+        for i, (count, end_step) in enumerate(zip(self.counts, self.planned_steps)):
+            count = min(count, start)  # a budget met before its segment holds the count, never un-prunes
+            if step < end_step or i == len(self.counts) - 1:
+                x = min(1.0, (step - start_step) / (end_step - start_step) * ARRIVAL)
+                return start - (start - count) * _ease(x) / _ease(ARRIVAL)
+            start_step, start = end_step, count
+
+    def update(self, step, nnz):
+        """Takes the count after `step`; returns the new gk."""
+        log_nnz = math.log(max(nnz, 1))
+        if self.last_log_nnz is not None and abs(self.last_change) > SENSITIVITY_MIN_CHANGE:
+            observed = -(log_nnz - self.last_log_nnz) / self.last_change
+            self.sensitivity += SENSITIVITY_RATE * (min(max(observed, 0.0), SENSITIVITY_MAX) - self.sensitivity)
+        error = log_nnz - math.log(max(self.planned_nnz(step), 1.0))
+        sign = 0 if abs(error) < DEADBAND else (1 if error > 0 else -1)
+        change = 0.0
+        if sign:
+            if sign == self.last_sign:
+                self.delta = min(self.delta * GROW, MAX_DELTA)
+            elif self.last_sign:
+                self.delta = max(self.delta * SHRINK, MIN_DELTA)
+            change = sign * min(self.delta, abs(error) / max(self.sensitivity, 1.0))
+            new_log_gk = min(max(self.log_gk + change, LOG_GK_RANGE[0]), LOG_GK_RANGE[1])
+            change, self.log_gk = new_log_gk - self.log_gk, new_log_gk
+        self.last_sign, self.last_change, self.last_log_nnz = sign, change, log_nnz
+        return self.gk
+
+    _STATE = ("log_gk", "delta", "last_sign", "last_change", "last_log_nnz", "sensitivity")
+
+    def state_dict(self):
+        return {name: getattr(self, name) for name in self._STATE}
+
+    def load_state_dict(self, state):
+        for name in self._STATE:
+            setattr(self, name, state[name])

@@ -1,0 +1,261 @@
+"""PEP at equal budgets on MovieLens-100K (with ids) and the synthetic task: the full table, PEP
+with the budget controller, PEP with the recipe's own pruning, and magnitude pruning, each
+pruned table retrained (lottery ticket) and scored on the test split. Writes the markdown of
+docs/RESULTS.md (issues 3 and 6) and the raw results beside it as .json.
+
+    python scripts/budget_results.py [--data ml-100k synthetic=50000] [--models fm deepfm autoint]
+                                     [--seeds 0 1 2] [--jobs 3] [--out docs/budget_results.md]
+
+Per (data, model, seed), on the seed's 80/10/10 split:
+- full: the full table, Adam lr 1e-2 (coupled L2 1e-5, batch 1024, clipping at 100 throughout).
+- controller: `search(pruning="budget")` with the published threshold settings (threshold_init
+  -15, lr 1e-3, where the thresholds' own drift hardly prunes) planned to pass 80/90/95% sparsity
+  by step STEPS on a cubic; every snapshot retrained.
+- recipe: `search(pruning="faithful")` with the settings that prune by themselves on this small
+  data (threshold_init -4, lr 1e-2, the former docs/RESULTS.md recipe), at most RECIPE_EPOCHS
+  epochs; every snapshot retrained.
+- magnitude: the `nnz` largest entries of the trained full table, at the controller's counts.
+Every retrain and the full table: lr 1e-2, at most TRAIN_EPOCHS epochs, early stopping on
+validation AUC with patience PATIENCE. One more run, the published recipe itself (threshold_init
+-15, lr 1e-3, faithful pruning) on MovieLens FM seed 0 for up to PUBLISHED_STEPS steps, measures
+how long it needs for each budget.
+
+Tasks run in `--jobs` worker processes of one thread each; results are appended to the .json as
+they finish, and `--report-only` rewrites the markdown from it.
+"""
+
+import argparse
+import copy
+import json
+import math
+import multiprocessing
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+BUDGETS = (0.8, 0.9, 0.95)
+STEPS = 600
+RECIPE_EPOCHS = 14
+TRAIN_EPOCHS, PATIENCE = 15, 2
+PUBLISHED_STEPS = 12_000
+MODEL_KWARGS = {"fm": {}, "deepfm": {"mlp_dims": (100, 100)}, "autoint": {"mlp_dims": (100, 100)}}
+
+
+def log(message):
+    print(message, file=sys.stderr, flush=True)
+
+
+def one_run(data_name, model_name, seed, work, train_epochs=TRAIN_EPOCHS):
+    from pep_kernels.cli import load_data
+    from pep_kernels.data import split
+    from pep_kernels.models import FieldEmbedding
+    from pep_kernels.train import budget_counts, evaluate, retrain, search
+    from pep_kernels.train.loop import fit
+    from pep_kernels.train.magnitude import magnitude_ticket
+    from pep_kernels.train.spec import RunSpec
+
+    data = load_data(data_name, seed=0)  # one synthetic task for every seed; the split varies
+    train, val, test = ((p.x, p.y) for p in split(data, seed))
+    steps_per_epoch = math.ceil(len(train[1]) / 1024)
+    kwargs = MODEL_KWARGS[model_name]
+    quiet = lambda *_: None  # noqa: E731
+    common = dict(epochs=train_epochs, patience=PATIENCE, lr=1e-2, seed=seed, log=quiet)
+    table_size = sum(data.field_dims) * 16
+    sparsity_of = dict(zip(budget_counts(BUDGETS, table_size), sorted(BUDGETS)))  # count -> sparsity target
+    out = {"data": data_name, "model": model_name, "seed": seed, "rows": [], "searches": {}}
+    start = time.perf_counter()
+
+    torch.manual_seed(seed)
+    ctrl_spec = RunSpec(model_name, data.field_dims, 16, model_kwargs=kwargs, threshold_init=-15.0)
+    full = ctrl_spec.build(FieldEmbedding(data.field_dims, 16))
+    initial = copy.deepcopy(full.state_dict())
+    best = fit(full, train, val, desc="full", **common)
+    out["rows"].append(dict(method="full", target=0.0, nnz=table_size, best_epoch=best["epoch"], **evaluate(full, *test)))
+
+    recipe_spec = RunSpec(model_name, data.field_dims, 16, model_kwargs=kwargs, threshold_init=-4.0)
+    for method, spec, options in (
+        ("controller", ctrl_spec, dict(lr=1e-3, pruning="budget", steps=STEPS,
+                                       epochs=math.ceil(STEPS / steps_per_epoch) + 2)),
+        ("recipe", recipe_spec, dict(lr=1e-2, pruning="faithful", epochs=RECIPE_EPOCHS)),
+    ):
+        run_dir = work / f"{data_name}-{model_name}-{seed}-{method}"
+        t0 = time.perf_counter()
+        run = search(spec, *train, run_dir, BUDGETS, seed=seed, log=quiet, **options)
+        out["searches"][method] = {"steps": run["steps"], "targets": run["targets"], "final_nnz": run["final_nnz"],
+                                   "seconds": time.perf_counter() - t0,
+                                   "history": run["history"][::10]}  # every 10th count, for plots
+        for snap in run["snapshots"][1:]:
+            result = retrain(run_dir, snap["path"], train, val, test, **common)
+            out["rows"].append(dict(method=method, target=sparsity_of[snap["budget"]], nnz=result["nnz"],
+                                    step=snap["step"], best_epoch=result["best_epoch"], auc=result["test_auc"],
+                                    logloss=result["test_logloss"]))
+    for target in out["searches"]["controller"]["targets"]:
+        nnz = target["nnz"] if target["nnz"] is not None else target["budget"]
+        masked = magnitude_ticket(ctrl_spec, initial, full.embedding.embedding.weight, nnz)
+        best = fit(masked, train, val, desc="magnitude", **common)
+        out["rows"].append(dict(method="magnitude", target=sparsity_of[target["budget"]], nnz=masked.embedding.nnz(),
+                                best_epoch=best["epoch"], **evaluate(masked, *test)))
+    out["seconds"] = time.perf_counter() - start
+    return out
+
+
+def published_run(data_name, model_name, work):
+    """How many steps the published recipe needs for each budget (seed 0, no retrain)."""
+    from pep_kernels.cli import load_data
+    from pep_kernels.data import split
+    from pep_kernels.train import search
+    from pep_kernels.train.spec import RunSpec
+
+    data = load_data(data_name, seed=0)
+    train = split(data, 0)[0]
+    spec = RunSpec(model_name, data.field_dims, 16, model_kwargs=MODEL_KWARGS[model_name], threshold_init=-15.0)
+    t0 = time.perf_counter()
+    run = search(spec, train.x, train.y, work / f"published-{data_name}-{model_name}", BUDGETS,
+                 epochs=math.ceil(PUBLISHED_STEPS / math.ceil(len(train.y) / 1024)), lr=1e-3, pruning="faithful",
+                 count_every=10, log=lambda *_: None)
+    return {"data": data_name, "model": model_name, "seed": 0, "published": True, "steps": run["steps"],
+            "targets": run["targets"], "final_sparsity": 1 - run["final_nnz"] / run["table_size"],
+            "seconds": time.perf_counter() - t0}
+
+
+def worker(task):
+    torch.set_num_threads(1)
+    kind, data_name, model_name, seed, work, train_epochs = task
+    try:
+        if kind == "published":
+            return published_run(data_name, model_name, Path(work))
+        return one_run(data_name, model_name, seed, Path(work), train_epochs)
+    except Exception as e:  # reported in the results, the other tasks go on
+        return {"data": data_name, "model": model_name, "seed": seed, "error": repr(e)}
+
+
+def spread(values):
+    if not values:
+        return "-"
+    mean = statistics.mean(values)
+    return f"{mean:+.4f} ± {statistics.stdev(values):.4f}".lstrip("+") if len(values) > 1 else f"{mean:.4f}"
+
+
+def signed(values):
+    if not values:
+        return "-"
+    mean = statistics.mean(values)
+    return f"{mean:+.4f} ± {statistics.stdev(values):.4f}" if len(values) > 1 else f"{mean:+.4f}"
+
+
+def report(results, command, seconds):
+    runs = [r for r in results if "rows" in r]
+    published = [r for r in results if r.get("published")]
+    errors = [r for r in results if "error" in r]
+    groups = {}
+    for r in runs:
+        groups.setdefault((r["data"], r["model"]), []).append(r)
+    lines = ["### Planned vs reached (controller)", "",
+             "Step at which each budget was passed against its planned step, over the seeds; "
+             "`off` is (reached - planned) / planned.", "",
+             "| data | model | budget | planned step | reached steps (per seed) | largest off | non-zeros (per seed) |",
+             "|---|---|---|---|---|---|---|"]
+    worst = 0.0
+    for (data, model), rs in groups.items():
+        for i, budget in enumerate(BUDGETS):
+            targets = [r["searches"]["controller"]["targets"][i] for r in rs]
+            planned = targets[0]["planned_step"]
+            reached = [t["reached_step"] for t in targets]
+            offs = [abs(s - t["planned_step"]) / t["planned_step"] for s, t in zip(reached, targets) if s is not None]
+            worst = max([worst] + offs)
+            lines.append(f"| {data} | {model} | {budget:.0%} ({targets[0]['budget']}) | {planned} | "
+                         f"{', '.join(str(s) if s is not None else 'not reached' for s in reached)} | "
+                         f"{max(offs):.1%} | {', '.join(str(t['nnz']) for t in targets)} |")
+    lines += ["", f"Largest |reached - planned| / planned: {worst:.1%}.", "",
+              "### Test AUC at equal budgets", "",
+              "Mean ± standard deviation over the seeds. `Δ full`: AUC minus the same seed's full table; "
+              "`ctrl - recipe`: controller minus the recipe's pruning at the same budget, paired by seed "
+              "(the recipe's count is at most the budget, within a few entries of the controller's).", "",
+              "| data | model | budget | full AUC | controller AUC | Δ full | recipe AUC | Δ full | ctrl - recipe | "
+              "magnitude AUC | Δ full | ctrl - magnitude | recipe step | seeds |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (data, model), rs in groups.items():
+        full = {r["seed"]: next(x for x in r["rows"] if x["method"] == "full")["auc"] for r in rs}
+        lines.append(f"| {data} | {model} | full table | {spread(list(full.values()))} | | | | | | | | | | {len(rs)} |")
+        for budget in BUDGETS:
+            per = {m: {r["seed"]: x for r in rs for x in r["rows"] if x["method"] == m and x["target"] == budget}
+                   for m in ("controller", "recipe", "magnitude")}
+            cells = []
+            for m in ("controller", "recipe", "magnitude"):
+                aucs = [x["auc"] for x in per[m].values()]
+                cells += [spread(aucs), signed([x["auc"] - full[s] for s, x in per[m].items()])]
+                if m != "controller":
+                    paired = [per["controller"][s]["auc"] - x["auc"] for s, x in per[m].items() if s in per["controller"]]
+                    cells.append(signed(paired))
+            steps = [x["step"] for x in per["recipe"].values()]
+            recipe_step = f"{min(steps)}-{max(steps)}" if steps else "not reached"
+            if steps and len(steps) < len(rs):
+                recipe_step += f" ({len(rs) - len(steps)} not reached)"
+            lines.append(f"| {data} | {model} | {budget:.0%} | | {' | '.join(cells)} | {recipe_step} | {len(rs)} |")
+    lines += ["", "### Search steps", "",
+              "| data | model | controller: steps to 95% | recipe (-4, 1e-2): steps to 90% / 95% | "
+              "controller search s | recipe search s |", "|---|---|---|---|---|---|"]
+    for (data, model), rs in groups.items():
+        ctrl = [r["searches"]["controller"]["steps"] for r in rs]
+        rec90 = [r["searches"]["recipe"]["targets"][1]["reached_step"] for r in rs]
+        rec95 = [r["searches"]["recipe"]["targets"][2]["reached_step"] for r in rs]
+        fmt = lambda v: ", ".join(str(x) if x is not None else "-" for x in v)  # noqa: E731
+        lines.append(f"| {data} | {model} | {fmt(ctrl)} | {fmt(rec90)} / {fmt(rec95)} | "
+                     f"{statistics.mean(r['searches']['controller']['seconds'] for r in rs):.0f} | "
+                     f"{statistics.mean(r['searches']['recipe']['seconds'] for r in rs):.0f} |")
+    for p in published:
+        reached = ", ".join(f"{b:.0%}: {t['reached_step'] if t['reached_step'] is not None else 'not reached'}"
+                            for b, t in zip(BUDGETS, p["targets"]))
+        lines.append(f"\nPublished recipe (threshold_init -15, lr 1e-3, faithful pruning), {p['data']} {p['model']} "
+                     f"seed 0: {reached} after {p['steps']} steps ({p['final_sparsity']:.1%} sparse at the end, "
+                     f"{p['seconds']:.0f} s).")
+    for e in errors:
+        lines.append(f"\nFAILED: {e['data']} {e['model']} seed {e['seed']}: {e['error']}")
+    lines.append(f"\nCommand: `{command}`; {seconds:.0f} s.")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", nargs="+", default=["ml-100k", "synthetic=50000"])
+    parser.add_argument("--models", nargs="+", default=list(MODEL_KWARGS), choices=list(MODEL_KWARGS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--jobs", type=int, default=3)
+    parser.add_argument("--train-epochs", type=int, default=TRAIN_EPOCHS,
+                        help="most epochs of the full table and of each retrain")
+    parser.add_argument("--no-published", action="store_true", help="skip the long published-recipe run")
+    parser.add_argument("--report-only", action="store_true", help="rewrite the markdown from the .json")
+    parser.add_argument("--out", type=Path, default=Path("budget_results.md"))
+    args = parser.parse_args(argv)
+    raw = args.out.with_suffix(".json")
+    command = "python scripts/budget_results.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.report_only:
+        saved = json.loads(raw.read_text())
+        args.out.write_text(report(saved["results"], saved["command"], saved["seconds"]) + "\n")
+        return
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as work:
+        tasks = [] if args.no_published else [("published", args.data[0], "fm", 0, work, None)]
+        # AutoInt (ten times slower per step) last, so that a cut run has the other models whole
+        runs = [(d, m, s) for d in args.data for m in args.models for s in args.seeds]
+        tasks += [("run", d, m, s, work, args.train_epochs) for d, m, s in sorted(
+            runs, key=lambda r: (r[1] == "autoint", args.data.index(r[0])))]
+        results = []
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
+            for result in pool.imap_unordered(worker, tasks):
+                results.append(result)
+                log(f"{result['data']} {result['model']} seed {result['seed']}: "
+                    f"{'error ' + result['error'] if 'error' in result else 'done'}, {time.perf_counter() - start:.0f} s")
+                seconds = time.perf_counter() - start
+                raw.write_text(json.dumps({"command": command, "seconds": seconds, "results": results}))
+                args.out.write_text(report(results, command, seconds) + "\n")
+    print(args.out.read_text())
+
+
+if __name__ == "__main__":
+    main()
