@@ -93,7 +93,7 @@ def cli_errors(tmp_path):
         (search + ["--model", "gpt"], "argument --model: invalid choice: 'gpt'"),
         (search + ["--budgets", "0.5", "nan"], "budget nan is neither"),
         (search + ["--budgets", "-3"], "budget -3.0 is neither"),
-        (search + ["--budgets", "lots"], "argument --budgets: invalid float value: 'lots'"),
+        (search + ["--budgets", "lots"], "budget 'lots' is neither a sparsity in (0, 1)"),
         (search + ["--epochs", "-1"], "--epochs must be >= 1, got -1"),
         (search + ["--cache-dir", str(afile)], f"--cache-dir {afile}: is a file, expected a folder"),
         (["search", *DATA, "--out", str(afile), "--budgets", "0.5"], f"--out {afile}: is a file, expected a folder"),
