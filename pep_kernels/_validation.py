@@ -45,6 +45,16 @@ def threshold_shape(mode, num_embeddings, embedding_dim, num_fields=None):
     return (num_embeddings if row_source == PER_ROW else num_fields, cols)
 
 
+def check_field_dims(field_dims, num_rows):
+    """`field_dims` as a list of ints, if they are positive and sum to the table's rows."""
+    field_dims = [int(f) for f in field_dims]
+    if not field_dims or min(field_dims) < 1:
+        raise ValueError(f"field_dims must be a non-empty list of positive sizes, got {field_dims}")
+    if sum(field_dims) != num_rows:
+        raise ValueError(f"sum(field_dims) = {sum(field_dims)} must equal num_embeddings = {num_rows}")
+    return field_dims
+
+
 def check_gk(gk):
     if isinstance(gk, bool) or not isinstance(gk, (int, float)):
         raise TypeError(f"gk must be a Python float, got {type(gk).__name__}")

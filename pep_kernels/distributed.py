@@ -82,7 +82,8 @@ except ImportError as error:  # the optional extras
         "pip install --no-deps -r requirements-torchrec.txt") from error
 
 from . import reference
-from ._validation import PER_FIELD, PER_ROW, check_gk, check_ids_in_range, mode_layout, threshold_shape
+from ._validation import (PER_FIELD, PER_ROW, check_field_dims, check_gk, check_ids_in_range, mode_layout,
+                          threshold_shape)
 from .functional import resolve_backend, soft_threshold_embedding
 from .ops.indices import offset_field_ids
 from .ops import optim as optim_ops
@@ -221,11 +222,7 @@ class _ShardedTable(nn.Module):
         if field_dims is None:
             self.field_dims = None
             return
-        field_dims = [int(f) for f in field_dims]
-        if not field_dims or min(field_dims) < 1:
-            raise ValueError(f"field_dims must be a non-empty list of positive sizes, got {field_dims}")
-        if sum(field_dims) != self.num_embeddings:
-            raise ValueError(f"sum(field_dims) = {sum(field_dims)} must equal num_embeddings = {self.num_embeddings}")
+        field_dims = check_field_dims(field_dims, self.num_embeddings)
         self.register_buffer("field_dims", torch.tensor(field_dims, device=device), persistent=False)
 
     def local_shards(self):

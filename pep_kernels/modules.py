@@ -5,7 +5,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import reference
-from ._validation import PER_FIELD, PER_ROW, check_gk, check_lookup, check_ids_in_range, mode_layout, threshold_shape
+from ._validation import (PER_FIELD, PER_ROW, check_field_dims, check_gk, check_ids_in_range, check_lookup, mode_layout,
+                          threshold_shape)
 from .functional import resolve_backend, soft_threshold_embedding
 from .ops import optim as optim_ops
 from .ops.indices import offset_field_ids
@@ -20,12 +21,8 @@ class _FieldTable(nn.Module):
         if field_dims is None:
             self.field_dims = None
             return
-        field_dims = [int(f) for f in field_dims]
-        if not field_dims or min(field_dims) < 1:
-            raise ValueError(f"field_dims must be a non-empty list of positive sizes, got {field_dims}")
-        if sum(field_dims) != num_rows:
-            raise ValueError(f"sum(field_dims) = {sum(field_dims)} must equal num_embeddings = {num_rows}")
-        self.register_buffer("field_dims", torch.tensor(field_dims, device=device), persistent=False)
+        self.register_buffer("field_dims", torch.tensor(check_field_dims(field_dims, num_rows), device=device),
+                             persistent=False)
 
     BLOCK_ENTRIES = 1 << 22  # entries of a block of `pruned_row_blocks` (16 MiB of fp32)
 
