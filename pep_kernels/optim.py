@@ -24,8 +24,8 @@ The element rules are torch.optim's, with coupled L2 (`g + weight_decay * p`):
     16, 32, 64, 128, then 256 steps, each in closed form: m and v follow their geometric recurrences, p decays
     exponentially at Adam's rate step_size * weight_decay / denominator summed over the segment
     by Simpson's rule (an exponential midpoint rule, stable also where v has run down and the
-    decay is fast). A segment costs about what 8 replayed steps cost; its error is about 1e-3 of
-    the move for thresholds and 1-3% for weights (scripts/catch_up_error.py).
+    decay is fast). A segment costs about what 8 replayed steps cost; its error is at most 0.6%
+    of the move for thresholds and 4% for weights (scripts/catch_up_error.py).
 
 Gradient clipping does not see a fused table's gradients (they never exist), as with FBGEMM;
 the published recipe's clip (total norm 100) does not engage in its runs.
