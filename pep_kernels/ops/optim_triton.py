@@ -16,6 +16,7 @@ Python entry points; the Triton ops assume checked inputs and have no outputs, s
 under fake tensors.
 """
 
+import functools
 import math
 
 import torch
@@ -59,15 +60,21 @@ _EXACT_STEPS = tl.constexpr(16)
 _SEGMENT_STEPS = tl.constexpr(256)
 
 
+@functools.lru_cache(maxsize=16)
+def _segment_rows(weight_decay, beta1, beta2):
+    """The rows of `_segment_table`, computed once per hyper-parameters (every Adam step needs them)."""
+    steps = range(_SEGMENT_STEPS.value + 1)
+    return ([n * weight_decay / 6.0 for n in steps], [beta1**n for n in steps],
+            [beta1 * (1.0 - beta1**n) / (1.0 - beta1) for n in steps], [beta2**n for n in steps],
+            [1.0 - beta2**n for n in steps])
+
+
 def _segment_table(hparams, device):
     """(5, _SEGMENT_STEPS + 1) float32, index L: L * weight_decay / 6, beta1^L,
     sum_{i=1..L} beta1^i, beta2^L, 1 - beta2^L; computed in double as `segment` in
     csrc/optim_rows.inc computes them."""
     _, _, weight_decay, beta1, beta2 = hparams
-    steps = range(_SEGMENT_STEPS.value + 1)
-    rows = [[n * weight_decay / 6.0 for n in steps], [beta1**n for n in steps],
-            [beta1 * (1.0 - beta1**n) / (1.0 - beta1) for n in steps], [beta2**n for n in steps],
-            [1.0 - beta2**n for n in steps]]
+    rows = _segment_rows(float(weight_decay), float(beta1), float(beta2))
     return torch.tensor(rows, dtype=torch.float64).to(device=device, dtype=torch.float32)
 
 
