@@ -52,10 +52,10 @@ OptimArgs<T> optim_args(at::TensorList state, const at::Tensor& schedule, RowOpt
                     "a row optimizer needs a contiguous 2-D CPU parameter, got shape ", param.sizes());
   const int64_t rows = param.size(0), cols = param.size(1);
   const auto dtype = param.scalar_type();
-  OptimArgs<T> o{kind, param.data_ptr<T>(), cols, nullptr, nullptr, nullptr, nullptr, nullptr,
+  OptimArgs<T> o{kind, param.data_ptr<T>(), cols, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr,
                  static_cast<T>(hparams[0]), static_cast<T>(hparams[1]), static_cast<T>(hparams[2]),
                  static_cast<T>(hparams[4]), static_cast<T>(1 - hparams[3]), static_cast<T>(1 - hparams[4]), step,
-                 hparams[3], hparams[4], hparams[2]};
+                 {}};
   if (kind == RowOptim::Adagrad) {
     check_state(state[1], param, {rows, cols}, dtype, "sum");
     o.state1 = state[1].data_ptr<T>();
@@ -71,13 +71,29 @@ OptimArgs<T> optim_args(at::TensorList state, const at::Tensor& schedule, RowOpt
       check_state(state[3], param, {rows}, at::kLong, "last_step");
       o.last_step = state[3].data_ptr<int64_t>();
     }
-    TORCH_CHECK_VALUE(schedule.dim() == 2 && schedule.size(0) == 2 && schedule.size(1) > step &&
+    TORCH_CHECK_VALUE(schedule.dim() == 2 && schedule.size(0) == 4 && schedule.size(1) > step &&
                           schedule.scalar_type() == dtype && schedule.is_contiguous(),
-                      "Adam needs a contiguous ", dtype, " schedule of shape (2, > ", step, "), got ",
+                      "Adam needs a contiguous ", dtype, " schedule of shape (4, > ", step, ") (Adam.schedule), got ",
                       schedule.sizes());
     o.step_size = schedule.data_ptr<T>();
     o.bc2_sqrt = o.step_size + schedule.size(1);
-    o.full_segment = segment_powers<T>(hparams[3], hparams[4], hparams[2], kSegmentSteps);
+    o.rate_sum_hi = o.bc2_sqrt + schedule.size(1);
+    o.rate_sum_lo = o.rate_sum_hi + schedule.size(1);
+    // Powers by repeated multiplication in double: 256 roundings of 1e-16 each.
+    double beta1_l = 1, momentum_sum = 0, momentum_moment = 0;
+    std::array<double, kSegmentSteps + 1> beta2_l{1};
+    for (int64_t length = 1; length <= kSegmentSteps; ++length) {
+      beta1_l *= hparams[3];
+      momentum_sum += beta1_l;
+      momentum_moment += length * beta1_l;
+      beta2_l[length] = beta2_l[length - 1] * hparams[4];
+      const int64_t centroid = momentum_sum > 0 ? std::lround(momentum_moment / momentum_sum) : 1;
+      const double beta2_c = beta2_l[centroid], beta2_mid = beta2_l[(length + 1) / 2];
+      o.segment_powers[length] = {static_cast<T>(beta1_l), static_cast<T>(momentum_sum), centroid,
+                                  static_cast<T>(beta2_c), static_cast<T>(1 - beta2_c),
+                                  static_cast<T>(beta2_mid), static_cast<T>(1 - beta2_mid),
+                                  static_cast<T>(beta2_l[length]), static_cast<T>(1 - beta2_l[length])};
+    }
   }
   return o;
 }

@@ -18,14 +18,16 @@ The element rules are torch.optim's, with coupled L2 (`g + weight_decay * p`):
   - `fast`: only looked-up rows are touched. A row's skipped steps are caught up when it is
     next looked up (and for the whole table by `PEPEmbedding.sync()`, which `pruned_weight`,
     `nnz` and `state_dict` call), so the L2-under-Adam drift that drives PEP's pruning is kept.
-    A gap of up to 32 steps is replayed step by step, the same element rule with a zero loss
-    gradient: the same numbers as `faithful` (bitwise on CPU). A longer gap replays its first
-    16 steps (where the last loss gradient's momentum acts) and covers the rest in segments of
-    16, 32, 64, 128, then 256 steps, each in closed form: m and v follow their geometric recurrences, p decays
-    exponentially at Adam's rate step_size * weight_decay / denominator summed over the segment
-    by Simpson's rule (an exponential midpoint rule, stable also where v has run down and the
-    decay is fast). A segment costs about what 8 replayed steps cost; its error is at most 0.6%
-    of the move for thresholds and 4% for weights (scripts/catch_up_error.py).
+    A short gap (up to 4 steps) and any step before step 64 (where the bias corrections change
+    fast) are replayed step by step, the same element rule with a zero loss gradient: the same
+    numbers as `faithful` (bitwise on CPU). Other gaps are covered in closed form, in one
+    segment per 256 steps whatever the gap: the momentum's excess over weight_decay * p decays
+    geometrically and moves p at the denominator of its centroid step; then p decays
+    exponentially at Adam's rate weight_decay * step_size / denominator summed over the segment,
+    the bias corrections exactly (running sums of the schedule) and v at the midpoint (an
+    exponential midpoint rule, stable also where v has run down and the decay is fast). A
+    segment costs about what 2 replayed steps cost; its error is at most 2.3% of the median move
+    for weights and 0.9% for thresholds (scripts/catch_up_error.py).
 
 Gradient clipping does not see a fused table's gradients (they never exist), as with FBGEMM;
 the published recipe's clip (total norm 100) does not engage in its runs.
@@ -98,12 +100,18 @@ class Adam(RowOptimizer):
         return shapes
 
     def schedule(self, steps, dtype, device):
-        """(2, steps + 1): lr / (1 - beta1^u) and sqrt(1 - beta2^u) for u = 0..steps, computed
-        as torch.optim.Adam computes them (u = 0 is never used)."""
+        """(4, steps + 1) for u = 0..steps (u = 0 is never used): lr / (1 - beta1^u) and
+        sqrt(1 - beta2^u), computed as torch.optim.Adam computes them; then the running sum of
+        their product (the bias corrections of `fast`'s closed-form segments) in two parts, hi
+        and lo, whose sum keeps double precision in a float table."""
         b1, b2 = self.betas
-        rows = [[0.0] + [self.lr / (1 - b1**u) for u in range(1, steps + 1)],
-                [1.0] + [math.sqrt(1 - b2**u) for u in range(1, steps + 1)]]
-        return torch.tensor(rows, dtype=dtype, device=device)
+        step_size = [0.0] + [self.lr / (1 - b1**k) for k in range(1, steps + 1)]
+        bc2_sqrt = [1.0] + [math.sqrt(1 - b2**k) for k in range(1, steps + 1)]
+        rows = torch.tensor([step_size, bc2_sqrt], dtype=torch.float64)
+        rate_sum = (rows[0] * rows[1]).cumsum(0)  # u = 0 adds 0
+        hi = rate_sum.to(dtype)
+        table = torch.stack([rows[0], rows[1], hi.double(), rate_sum - hi.double()]).to(dtype)
+        return table.to(device)
 
     def __repr__(self):
         return (f"Adam(lr={self.lr}, betas={self.betas}, eps={self.eps}, weight_decay={self.weight_decay}, "

@@ -3,7 +3,8 @@ and the checked entry points that `ops.optim` calls on CUDA tensors.
 
 Same contract as the C++ CPU ops (csrc/optim.h, csrc/optim_cpu.cpp): `state = [param, state1,
 state2, last_step]`, `hparams = [lr, eps, weight_decay, beta1, beta2]`, steps count from 1 and
-`schedule` is `Adam.schedule` (row 0: lr / (1 - beta1^u), row 1: sqrt(1 - beta2^u)). The element
+`schedule` is `Adam.schedule` (rows: lr / (1 - beta1^u), sqrt(1 - beta2^u), and the running sum
+of their product in two parts). The element
 rules are those of csrc/optim_rows.inc in the same operation order and roundings, in fp32: fused
 multiply-adds where the C++ calls std::fma, correctly rounded division and square root
 (`tl.div_rn`, `tl.sqrt_rn`; Triton's `/` and `tl.sqrt` may be approximate on a GPU), and no
@@ -52,75 +53,76 @@ def _adam_element(p, m, v, g, neg_step_size, bc2_sqrt, eps, weight_decay, beta2,
     return p, m, v
 
 
-# `fast` Adam's catch-up, as csrc/optim_rows.inc: gaps up to _EXACT_GAP skipped steps are
-# replayed exactly; longer ones replay _EXACT_STEPS exactly and the rest in closed-form segments,
-# each at most as long as the part of the gap already covered and at most _SEGMENT_STEPS.
-_EXACT_GAP = tl.constexpr(32)
-_EXACT_STEPS = tl.constexpr(16)
+# `fast` Adam's catch-up, as csrc/optim_rows.inc: skipped steps are replayed exactly in gaps of
+# up to _EXACT_GAP steps and before step _EXACT_BEFORE; the rest in closed-form segments of up to
+# _SEGMENT_STEPS steps.
+_EXACT_GAP = tl.constexpr(4)
+_EXACT_BEFORE = tl.constexpr(64)
 _SEGMENT_STEPS = tl.constexpr(256)
 
 
 @functools.lru_cache(maxsize=16)
-def _segment_rows(weight_decay, beta1, beta2):
-    """The rows of `_segment_table`, computed once per hyper-parameters (every Adam step needs them)."""
-    steps = range(_SEGMENT_STEPS.value + 1)
-    return ([n * weight_decay / 6.0 for n in steps], [beta1**n for n in steps],
-            [beta1 * (1.0 - beta1**n) / (1.0 - beta1) for n in steps], [beta2**n for n in steps],
-            [1.0 - beta2**n for n in steps])
+def _segment_rows(beta1, beta2):
+    """The rows of `_segment_table`, computed once per betas (every Adam step needs them), in
+    double by repeated multiplication as csrc/optim_cpu.cpp computes them."""
+    rows = [[0.0] * (_SEGMENT_STEPS.value + 1) for _ in range(9)]
+    beta1_l, momentum_sum, momentum_moment, beta2_l = 1.0, 0.0, 0.0, [1.0]
+    for length in range(1, _SEGMENT_STEPS.value + 1):
+        beta1_l *= beta1
+        momentum_sum += beta1_l
+        momentum_moment += length * beta1_l
+        beta2_l.append(beta2_l[-1] * beta2)
+        centroid = math.floor(momentum_moment / momentum_sum + 0.5) if momentum_sum > 0 else 1
+        beta2_c, beta2_mid = beta2_l[centroid], beta2_l[(length + 1) // 2]
+        column = (beta1_l, momentum_sum, centroid, beta2_c, 1 - beta2_c, beta2_mid, 1 - beta2_mid,
+                  beta2_l[length], 1 - beta2_l[length])
+        for row, value in zip(rows, column):
+            row[length] = value
+    return rows
 
 
 def _segment_table(hparams, device):
-    """(5, _SEGMENT_STEPS + 1) float32, index L: L * weight_decay / 6, beta1^L,
-    sum_{i=1..L} beta1^i, beta2^L, 1 - beta2^L; computed in double as `segment` in
-    csrc/optim_rows.inc computes them."""
-    _, _, weight_decay, beta1, beta2 = hparams
-    rows = _segment_rows(float(weight_decay), float(beta1), float(beta2))
+    """(9, _SEGMENT_STEPS + 1) float32, index L: the SegmentPowers of csrc/optim_rows.h (beta1^L,
+    sum_{i=1..L} beta1^i, the momentum's centroid c, beta2^c, 1 - beta2^c, beta2^h and 1 - beta2^h
+    at the midpoint h = (L + 1) / 2, beta2^L, 1 - beta2^L)."""
+    rows = _segment_rows(float(hparams[3]), float(hparams[4]))
     return torch.tensor(rows, dtype=torch.float64).to(device=device, dtype=torch.float32)
 
 
 @triton.jit
-def _segment_term(v, g2, sched_ptr, sched_len, seg_ptr, u, exponent, eps):
-    """step_size / denominator at step u, v's closed form after `exponent` steps of gradient^2 g2."""
-    seg_len = _SEGMENT_STEPS + 1
-    beta2_i = tl.load(seg_ptr + 3 * seg_len + exponent)[:, None]
-    one_minus_beta2_i = tl.load(seg_ptr + 4 * seg_len + exponent)[:, None]
-    step_size = tl.load(sched_ptr + u)[:, None]
-    bc2_sqrt = tl.load(sched_ptr + sched_len + u)[:, None]
-    second = _unfused_product(beta2_i, v) + _unfused_product(one_minus_beta2_i, g2)
-    return tl.div_rn(step_size, tl.div_rn(tl.sqrt_rn(second), bc2_sqrt) + eps)
-
-
-@triton.jit
-def _segment_rate(v, q, sched_ptr, sched_len, seg_ptr, u0, length, eps, weight_decay):
-    """segment_rate of csrc/optim_rows.inc: Simpson's rule over the segment's decay rate."""
-    g = q * weight_decay
-    g2 = g * g
-    mid = (length + 1) // 2
-    f0 = _segment_term(v, g2, sched_ptr, sched_len, seg_ptr, u0, tl.zeros_like(length) + 1, eps)
-    f1 = _segment_term(v, g2, sched_ptr, sched_len, seg_ptr, u0 + mid - 1, mid, eps)
-    f2 = _segment_term(v, g2, sched_ptr, sched_len, seg_ptr, u0 + length - 1, length, eps)
-    length_wd_6 = tl.load(seg_ptr + length)[:, None]
-    return length_wd_6 * (f0 + _unfused_product(4.0, f1) + f2)
+def _segment_power(seg_ptr, k, length):
+    """Row k of the segment table at each row's length, as a column."""
+    return tl.load(seg_ptr + k * (_SEGMENT_STEPS + 1) + length)[:, None]
 
 
 @triton.jit
 def _adam_segment(p, m, v, sched_ptr, sched_len, seg_ptr, u0, length, eps, weight_decay):
     """adam_segment of csrc/optim_rows.inc on each row r of a tile: steps u0[r] .. u0[r] +
     length[r] - 1 in closed form; returns p, m, v."""
-    seg_len = _SEGMENT_STEPS + 1
+    last = u0 + length - 1
+    mid = u0 + (length + 1) // 2 - 1
+    c = u0[:, None] + _segment_power(seg_ptr, 2, length).to(tl.int64) - 1  # a column, as the powers
+    hi, lo = sched_ptr + 2 * sched_len, sched_ptr + 3 * sched_len
+    total = (tl.load(hi + last) - tl.load(hi + u0 - 1)) + (tl.load(lo + last) - tl.load(lo + u0 - 1))
+    rate_sum = (weight_decay * total)[:, None]
+    inv_bc2_c = tl.div_rn(1.0, tl.load(sched_ptr + sched_len + c))
+    momentum = _unfused_product(tl.load(sched_ptr + c), _segment_power(seg_ptr, 1, length))
+    half_rate_c = _unfused_product(0.5 * rate_sum, inv_bc2_c)
+    eps_bc2_mid = eps * tl.load(sched_ptr + sched_len + mid)[:, None]
+
     g = p * weight_decay
-    denom_term = _segment_term(v, _unfused_product(g, g), sched_ptr, sched_len, seg_ptr, u0,
-                               tl.zeros_like(length) + 1, eps)
-    momentum_sum = tl.load(seg_ptr + 2 * seg_len + length)[:, None]
-    q = p - _unfused_product((m - g) * denom_term, momentum_sum)
-    q_mid = q * tl.exp(-0.5 * _segment_rate(v, q, sched_ptr, sched_len, seg_ptr, u0, length, eps, weight_decay))
-    p_end = q * tl.exp(-_segment_rate(v, q_mid, sched_ptr, sched_len, seg_ptr, u0, length, eps, weight_decay))
-    g_mid = q_mid * weight_decay
-    beta1_l = tl.load(seg_ptr + seg_len + length)[:, None]
-    beta2_l = tl.load(seg_ptr + 3 * seg_len + length)[:, None]
-    one_minus_beta2_l = tl.load(seg_ptr + 4 * seg_len + length)[:, None]
-    m = _unfused_product(p_end, weight_decay) + _unfused_product(beta1_l, m - g)
-    v = _unfused_product(beta2_l, v) + _unfused_product(one_minus_beta2_l, g_mid) * g_mid
+    second = _unfused_product(_segment_power(seg_ptr, 3, length), v) + _unfused_product(
+        _segment_power(seg_ptr, 4, length), _unfused_product(g, g))
+    inv_denom = tl.div_rn(1.0, _unfused_product(tl.sqrt_rn(second), inv_bc2_c) + eps)
+    q = p - _unfused_product(_unfused_product(m - g, momentum), inv_denom)
+    g_mid = _unfused_product(q * tl.exp(-half_rate_c * inv_denom), weight_decay)
+    g2_mid = g_mid * g_mid
+    second_mid = _unfused_product(_segment_power(seg_ptr, 5, length), v) + _unfused_product(
+        _segment_power(seg_ptr, 6, length), g2_mid)
+    p_end = q * tl.exp(-tl.div_rn(rate_sum, tl.sqrt_rn(second_mid) + eps_bc2_mid))
+    m = _unfused_product(p_end, weight_decay) + _unfused_product(_segment_power(seg_ptr, 0, length), m - g)
+    v = _unfused_product(_segment_power(seg_ptr, 7, length), v) + _unfused_product(
+        _segment_power(seg_ptr, 8, length), g2_mid)
     return p_end, m, v
 
 
@@ -129,7 +131,8 @@ def _adam_replay(p, m, v, sched_ptr, sched_len, seg_ptr, first, last, eps, weigh
                  one_minus_beta2):
     """Steps first[r]..last[r] with a zero loss gradient on each row r of a (rows, cols) tile
     (none where first[r] > last[r]), as adam_replay in csrc/optim_rows.inc; returns p, m, v."""
-    exact_last = tl.where(last - first + 1 <= _EXACT_GAP, last, first + _EXACT_STEPS - 1)
+    early = tl.minimum(tl.maximum(first - 1, _EXACT_BEFORE - 1), last)
+    exact_last = tl.where(last - first + 1 <= _EXACT_GAP, last, early)
     for u in range(tl.min(first, axis=0), tl.max(exact_last, axis=0) + 1):
         neg_step_size = -tl.load(sched_ptr + u)
         bc2_sqrt = tl.load(sched_ptr + sched_len + u)
@@ -139,14 +142,13 @@ def _adam_replay(p, m, v, sched_ptr, sched_len, seg_ptr, first, last, eps, weigh
         p = tl.where(active, p_u, p)
         m = tl.where(active, m_u, m)
         v = tl.where(active, v_u, v)
-    # Segments of 16, 32, 64, 128 steps cover the first 240 after the exact ones, then 256 each:
-    # at most 4 + ceil(rest / 256) per row; rows done early idle.
+    # Segments of _SEGMENT_STEPS steps and a shorter last one; rows done early idle.
     rest = tl.where(last > exact_last, last - exact_last, 0)
-    segments = tl.where(rest > 0, 4 + (rest + _SEGMENT_STEPS - 1) // _SEGMENT_STEPS, 0)
+    segments = (rest + _SEGMENT_STEPS - 1) // _SEGMENT_STEPS
     u0 = exact_last + 1
     for _ in range(0, tl.max(segments, axis=0)):
         active = u0 <= last
-        length = tl.minimum(tl.minimum(u0 - first, last - u0 + 1), _SEGMENT_STEPS)
+        length = tl.minimum(last - u0 + 1, _SEGMENT_STEPS)
         safe_u0 = tl.where(active, u0, 1)
         safe_length = tl.where(active, length, 1)
         p_k, m_k, v_k = _adam_segment(p, m, v, sched_ptr, sched_len, seg_ptr, safe_u0, safe_length, eps,
@@ -419,10 +421,10 @@ def _check_state(state, schedule, kind, hparams, step):
         _check_state_tensor(state[2], param, (rows, cols), param.dtype, "exp_avg_sq")
         if kind == "adam":
             _check_state_tensor(state[3], param, (rows,), torch.int64, "last_step")
-        if not (schedule.dim() == 2 and schedule.shape[0] == 2 and schedule.shape[1] > step
+        if not (schedule.dim() == 2 and schedule.shape[0] == 4 and schedule.shape[1] > step
                 and schedule.dtype == param.dtype and schedule.is_contiguous() and schedule.device == param.device):
             raise ValueError(
-                f"Adam needs a contiguous {param.dtype} schedule of shape (2, > {step}) on the parameter's "
+                f"Adam needs a contiguous {param.dtype} schedule of shape (4, > {step}) (Adam.schedule) on the parameter's "
                 f"device, got {schedule.dtype} of shape {tuple(schedule.shape)} on {schedule.device}"
             )
 
