@@ -30,8 +30,8 @@ for every candidate: `fast` Adam's cost depends on how long ago each looked-up r
 updated, so repeating one batch would hide it.
 
 `fast` Adam catches a row up on its skipped steps when the row is next looked up: step by step
-for gaps of up to 32 steps, in closed-form segments of 256 steps beyond. Its cost grows with the
-gaps, so a fresh table's steps are cheap and grow until the gaps reach their steady state (after
+for gaps of up to 4 steps, in one closed-form segment per 256 steps beyond. Its cost grows with
+the gaps, so a fresh table's steps are cheap and grow until the gaps reach their steady state (after
 about 100 steps on `criteo` and about 1000 on `skewed`). A training run spends nearly all its
 steps in that steady state, so the candidate's table starts there: `age` sets its step counter
 to AGE and each row's last update to where AGE steps on the shape's id distribution leave it.

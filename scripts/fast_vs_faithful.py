@@ -10,7 +10,7 @@ threshold_init -4, batch 1024) and count non-zeros every `--count-every` steps; 
 each snapshot is the same lottery-ticket retrain for both. A count brings every `fast` row up to
 date, so the gaps `fast` catches up are at most `--count-every` steps long: counting after every
 step leaves it nothing but one-step replays (the same bits as `faithful`); counting every 200
-steps makes the rarely seen rows take the closed-form segments of gaps past 32 steps.
+steps makes the rows' gaps longer than 4 steps take the closed-form segments.
 
 `--swaps K` adds a control: each faithful snapshot is also retrained with K of its mask entries
 swapped (K kept entries pruned, K pruned ones kept), which shows how much the retrained AUC moves

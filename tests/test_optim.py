@@ -1,7 +1,7 @@
 """Fused row-sparse optimizers (pep_kernels.optim) on the C++ backend, against eager oracles:
 torch.optim.Adam for Adam (the published recipe), reference.row_optimizer_step for SGD and
-Adagrad; `fast` Adam against `faithful`: bitwise over gaps of up to 32 skipped steps, within the
-closed-form catch-up's error beyond."""
+Adagrad; `fast` Adam against `faithful`: bitwise over gaps of up to 4 skipped steps (and before step 64),
+within the closed-form catch-up's error beyond."""
 
 import pytest
 import torch
