@@ -36,24 +36,23 @@ MAX_DIM = 65536  # csrc/store_format.h kMaxDim
 FORMAT = "pep_kernels.SparseRowStore"
 VERSION = 1
 _INT32_MAX = 2**31 - 1
-BLOCK_ENTRIES = 1 << 22  # entries encoded at a time by from_dense (16 MiB of fp32)
+BLOCK_ENTRIES = 1 << 18  # entries encoded at a time by from_dense (1 MiB of fp32: see _FieldTable.BLOCK_ENTRIES)
 
 _ops = torch.ops.pep_kernels
 
 
-def component_bytes(row_dims, dim, values, encoding, offset_bytes):
-    """Bytes of each part of a store whose rows keep `row_dims` (N,) entries: offsets, column ids
-    or masks, values and int8 scales."""
-    nnz, kept = int(row_dims.sum()), int((row_dims > 0).sum())
+def component_bytes(num_rows, nnz, rows_kept, dim, values, encoding, offset_bytes):
+    """Bytes of each part of a store of `num_rows` rows, `rows_kept` of which keep entries,
+    `nnz` entries in all: offsets, column ids or masks, values and int8 scales."""
     if encoding == "columns":
         index = {"column_ids": nnz * (1 if dim <= 256 else 2)}
     else:
-        index = {"masks": kept * math.ceil(dim / 8)}
+        index = {"masks": rows_kept * math.ceil(dim / 8)}
     return {
-        "offsets": (row_dims.numel() + 1) * offset_bytes,
+        "offsets": (num_rows + 1) * offset_bytes,
         **index,
         "values": nnz * VALUE_BYTES[values],
-        "scales": kept * 4 if values == "int8" else 0,
+        "scales": rows_kept * 4 if values == "int8" else 0,
     }
 
 
@@ -92,7 +91,8 @@ class SparseRowStore(nn.Module):
         self.register_buffer("payload", payload, persistent=False)
         self.num_embeddings, self.embedding_dim = offsets.numel() - 1, embedding_dim
         self.values, self.encoding = values, encoding
-        self.nnz, self.rows_kept = int(row_dims.sum()), int((row_dims > 0).sum())
+        # count_nonzero, not (row_dims > 0).sum(): summing a bool tensor makes an int64 copy of it
+        self.nnz, self.rows_kept = int(row_dims.sum()), int(torch.count_nonzero(row_dims))
         self.max_error = float(max_error)
 
     @classmethod
@@ -125,12 +125,12 @@ class SparseRowStore(nn.Module):
     @classmethod
     def _from_row_blocks(cls, num_rows, dim, blocks, values, encoding):
         """The store of the table that `blocks()` yields as (start, end, rows start..end-1), in
-        order. Three passes (row sizes and checks, encoding, the error of lossy values), each
-        holding one block at a time: the memory is the store's and a block's."""
+        order. Three passes (the number of entries and of rows kept, which size the payload, and
+        checks; encoding; the error of lossy values), each holding one block at a time: the memory
+        is the store's and a block's."""
         _check_choice("values", values, tuple(VALUE_BYTES))
         _check_choice("encoding", encoding, ("auto", *ENCODINGS))
-        row_dims = torch.empty(num_rows, dtype=torch.int64)
-        nonfinite, beyond_range, all_fp32 = 0, 0.0, True
+        nnz, kept, nonfinite, beyond_range, all_fp32 = 0, 0, 0, 0.0, True
         for start, end, rows in blocks():
             if not rows.is_floating_point():
                 raise TypeError(f"weight must be a floating-point tensor, got {rows.dtype}")
@@ -141,16 +141,16 @@ class SparseRowStore(nn.Module):
                 nonfinite += int((~finite).sum())
                 if values in VALUE_DTYPES and nonfinite == 0 and not bool(torch.isfinite(dense.to(VALUE_DTYPES[values])).all()):
                     beyond_range = max(beyond_range, float(dense.abs().max()))
-            row_dims[start:end] = (dense != 0).sum(1)
+            row_dims = (dense != 0).sum(1, dtype=torch.int32)
+            nnz, kept = nnz + int(row_dims.sum()), kept + int(row_dims.count_nonzero())
         if nonfinite:
             raise ValueError(f"{values} values need a finite table; it holds {nonfinite} inf or NaN entries")
         if beyond_range:
             raise ValueError(f"the table holds values beyond the {values} range (max |w| = {beyond_range})")
         candidates = ENCODINGS if encoding == "auto" else (encoding,)
-        sizes = {e: sum(component_bytes(row_dims, dim, values, e, 4).values()) for e in candidates}
+        sizes = {e: sum(component_bytes(num_rows, nnz, kept, dim, values, e, 4).values()) for e in candidates}
         encoding = min(sizes, key=sizes.get)
         payload_bytes = sizes[encoding] - (num_rows + 1) * 4
-        del row_dims
         offsets = torch.zeros(num_rows + 1, dtype=torch.int64 if payload_bytes > _INT32_MAX else torch.int32)
         payload = torch.empty(payload_bytes, dtype=torch.uint8)
         written = 0
@@ -186,8 +186,8 @@ class SparseRowStore(nn.Module):
             "num_embeddings": self.num_embeddings, "embedding_dim": self.embedding_dim, "values": self.values,
             "encoding": self.encoding, "nnz": self.nnz, "rows_kept": self.rows_kept,
             "dims_per_row_histogram": torch.bincount(row_dims, minlength=self.embedding_dim + 1).tolist(),
-            "bytes": component_bytes(row_dims, self.embedding_dim, self.values, self.encoding,
-                                     self.offsets.element_size()),
+            "bytes": component_bytes(self.num_embeddings, self.nnz, self.rows_kept, self.embedding_dim, self.values,
+                                     self.encoding, self.offsets.element_size()),
             "nbytes": self.nbytes, "dense_fp32_bytes": dense_bytes, "ratio_to_dense": self.nbytes / dense_bytes,
             "max_error": self.max_error,
         }

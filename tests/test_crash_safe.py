@@ -14,9 +14,10 @@ A retrain (`pep_kernels.train.retrain` of the uninterrupted search's step-36 sna
 checkpoint folder and a checkpoint every 5 steps) is killed the same ways and resumed; it must
 end with the same metrics, checkpoint and retrained model file, bitwise.
 
-A kill may leave the temporary file of an interrupted write (`.<name>.<random>.tmp`); it is
-never read, and the writer of that file removes it when it starts again: after the last resume
-no temporary file is left.
+A kill may leave the temporary folder of an interrupted write (`.<name>.<random>.tmp`, holding
+the half-written file, or safetensors' own `.tmpXXXXXX` when the kill lands inside its write);
+it is never read, and the writer of that file removes it when it starts again: after the last
+resume no temporary file is left, and no other file is ever there.
 """
 
 import json
@@ -63,72 +64,31 @@ def run_retrain(out_dir, search_dir, log=lambda *_: None):
 
 def install_self_kill(target, nth, phase):
     """SIGKILLs this process at the `nth` write of the run file whose name starts with `target`,
-    at `phase`: "partial" (half the temporary file written), "before_replace" or "after_replace"."""
+    at `phase`: "partial" (its temporary file cut to half), "before_replace" or "after_replace".
+    Every save ends with os.replace of `.<name>.<random>.tmp/<name>` (checkpoint._atomic_target)."""
     seen = {"count": 0}
-
-    def target_of(tmp):  # ".checkpoint.safetensors.k2j3h.tmp" -> "checkpoint.safetensors"
-        return Path(tmp).name[1:].rsplit(".", 2)[0]
-
-    def hit(tmp):
-        if not target_of(tmp).startswith(target):
-            return False
-        seen["count"] += 1
-        return seen["count"] == nth
+    real_replace = os.replace
 
     def die():
         os.kill(os.getpid(), signal.SIGKILL)
 
-    real_save_file, real_replace, real_fdopen = checkpoint.save_file, os.replace, os.fdopen
-    pending = {}
-
-    def save_file(tensors, filename, metadata):
-        real_save_file(tensors, filename, metadata)
-        if hit(filename):
-            if phase == "partial":
-                data = Path(filename).read_bytes()
-                Path(filename).write_bytes(data[: len(data) // 2])
-                die()
-            pending[filename] = True
-
     def replace(src, dst):
-        armed = pending.pop(str(src), False)
-        if armed and phase == "before_replace":
+        src = Path(src)
+        folder = src.parent.name
+        hit = False
+        if folder.startswith(f".{src.name}.") and folder.endswith(".tmp") and src.name.startswith(target):
+            seen["count"] += 1
+            hit = seen["count"] == nth
+        if hit and phase == "partial":
+            src.write_bytes(src.read_bytes()[: src.stat().st_size // 2])
+            die()
+        if hit and phase == "before_replace":
             die()
         real_replace(src, dst)
-        if armed and phase == "after_replace":
+        if hit and phase == "after_replace":
             die()
 
-    class KillingFile:  # text writes (search.json) through checkpoint.save_text
-        def __init__(self, fd, mode, tmp):
-            self.f, self.tmp = real_fdopen(fd, mode), tmp
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.f.close()
-
-        def write(self, text):
-            if hit(self.tmp):
-                if phase == "partial":
-                    self.f.write(text[: len(text) // 2])
-                    self.f.flush()
-                    die()
-                pending[self.tmp] = True
-            return self.f.write(text)
-
-        def __getattr__(self, name):
-            return getattr(self.f, name)
-
-    def fdopen(fd, mode="r", *args, **kwargs):
-        tmp = os.readlink(f"/proc/self/fd/{fd}")
-        if "w" in mode and Path(tmp).name.endswith(".tmp"):
-            return KillingFile(fd, mode, tmp)
-        return real_fdopen(fd, mode, *args, **kwargs)
-
-    checkpoint.save_file = save_file
     os.replace = replace
-    os.fdopen = fdopen
 
 
 def child_main(out_dir, threads, kill, search_dir):
@@ -211,7 +171,9 @@ def kill_at_random(out_dir, rng, search_dir=None):
     old_inode = ckpt.stat().st_ino if ckpt.exists() else None
     child = start_child(out_dir, search_dir=search_dir)
     wait_for_new_checkpoint(child, ckpt, old_inode)
-    time.sleep(rng.uniform(0.0, 1.5))  # an uninterrupted run trains for about 2 s
+    # an uninterrupted run trains for about 2 s (a step every ~13 ms): a kill within 0.4 s of a new
+    # checkpoint lands before the run ends, so each kill of a sequence moves the run on by 5-35 steps
+    time.sleep(rng.uniform(0.0, 0.4))
     child.send_signal(signal.SIGKILL)
     output = child.communicate(timeout=300)[0]
     assert child.returncode in (0, -signal.SIGKILL), output[-3000:]
@@ -225,12 +187,13 @@ def kill_at_write(out_dir, target, nth, phase, search_dir=None):
     output = child.communicate(timeout=300)[0]
     assert child.returncode == -signal.SIGKILL, \
         f"the child was not killed at {target} #{nth} {phase}:\n{output[-3000:]}"
-    # the kill hit the write it aimed at: its temporary file is left (partial, before the rename)
-    # or the file is in place (after the rename)
+    # the kill hit the write it aimed at: its temporary folder is left, holding the file (partial,
+    # before the rename) or emptied by the rename, the file in place (after the rename)
+    new = temporary() - before
+    assert len(new) == 1
+    assert any((out_dir / new.pop()).iterdir()) == (phase != "after_replace")
     if phase == "after_replace":
-        assert not temporary() - before and any(out_dir.glob(f"{target}*"))
-    else:
-        assert len(temporary() - before) == 1
+        assert any(out_dir.glob(f"{target}*"))
     return child.returncode
 
 
@@ -313,8 +276,10 @@ def test_killed_retrain_resumes_to_the_same_run(uninterrupted, uninterrupted_ret
         kills.append((kill, code, checkpoint.load(out / "checkpoint.safetensors")[1]["state"]))
     print(f"\nretrain: (kill, exit code, progress of the last checkpoint) {kills}; leftover temporary files "
           f"{temporary_files(out)}")
-    for name in ("checkpoint", "retrained"):  # as a kill between mkstemp and the rename leaves them
-        (out / f".{name}.safetensors.x1y2z3.tmp").write_bytes(b"half a file")
+    for name in ("checkpoint", "retrained"):  # as a kill inside safetensors' write leaves them
+        leftover = out / f".{name}.safetensors.x1y2z3.tmp"
+        leftover.mkdir(exist_ok=True)
+        (leftover / ".tmpAb12Cd").write_bytes(b"half a file")
     logs = []
     result = run_retrain(out, search_dir, log=logs.append)
     assert any("resumed" in line for line in logs), logs
@@ -347,11 +312,40 @@ def test_stale_temporary_files_are_removed_by_their_writer_only(uninterrupted, t
     own = [".checkpoint.safetensors.abc123.tmp", ".snapshot-step0000040.safetensors.x_y.tmp",
            ".search.json.k2j3h.tmp", ".initial.safetensors.q.tmp"]
     foreign = [".retrained-snapshot-step0000036.safetensors.abc.tmp", ".notes.txt.abc.tmp", "checkpoint.tmp"]
-    for name in own + foreign:
+    for name in own[:2] + foreign[:1]:  # the temporary folders of killed saves (checkpoint.save)
+        (out / name).mkdir()
+        (out / name / ".tmpAb12Cd").write_bytes(b"half a file")
+    for name in own[2:] + foreign[1:]:  # files of the same names are removed too
         (out / name).write_bytes(b"half a file")
     run_search(out)
     assert sorted(p.name for p in out.iterdir() if p.name.endswith(".tmp")) == sorted(foreign)
     assert checkpoint.remove_stale_temporaries(out, ["retrained-*.safetensors"]) == [foreign[0]]
+
+
+def test_a_save_killed_inside_safetensors_leaves_only_its_temporary_folder(tmp_path):
+    """safetensors writes the file it is given through a temporary file of its own beside it
+    (`.tmpXXXXXX`, renamed when complete). A save killed while safetensors writes leaves that
+    file inside the save's `.<name>.<random>.tmp` folder, which the file's writer removes; before,
+    it was left in the run folder under a name nothing knew (once an "unexpected file" here)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    package_root = str(Path(pep_kernels.__file__).resolve().parent.parent)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([package_root, os.environ.get("PYTHONPATH", "")]))
+    code = ("import sys, torch\nfrom pep_kernels.train import checkpoint\n"
+            "while True: checkpoint.save(sys.argv[1], {'w': torch.ones(2**24)}, {})")  # 64 MiB a save
+    child = subprocess.Popen([sys.executable, "-c", code, str(out / "big.safetensors")], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline, seen = time.monotonic() + 120, []
+    while not seen and child.poll() is None and time.monotonic() < deadline:
+        seen = [name for _, _, files in os.walk(out) for name in files if name.startswith(".tmp")]
+    child.kill()
+    output = child.communicate(timeout=60)[0]
+    assert seen and child.returncode == -signal.SIGKILL, output[-3000:]
+    left = sorted(p.name for p in out.iterdir())
+    assert all(name == "big.safetensors" or (name.startswith(".big.safetensors.") and name.endswith(".tmp"))
+               for name in left), left
+    assert checkpoint.remove_stale_temporaries(out, ["big.safetensors"]) == [n for n in left if n.endswith(".tmp")]
+    assert sorted(p.name for p in out.iterdir()) == [n for n in left if n == "big.safetensors"]
 
 
 if __name__ == "__main__":

@@ -332,6 +332,10 @@ def hostile_run_files():
         ("fields do not sum to N", state, {"spec": dict(good, field_dims=[3, 5])}, "must equal num_embeddings"),
         ("no keep mask", {k: v for k, v in state.items() if k != "embedding.keep"}, {"spec": good},
          "holds no retrained PEP table"),
+        ("int table", {**state, "embedding.weight": torch.ones(7, 2, dtype=torch.int32)}, {"spec": good},
+         "must be floating-point with a bool mask, got torch.int32 and torch.bool"),
+        ("float mask", {**state, "embedding.keep": torch.ones(7, 2)}, {"spec": good},
+         "must be floating-point with a bool mask, got torch.float32 and torch.float32"),
         ("misshapen parameter", {**state, "linear.bias": torch.zeros(3)}, {"spec": good},
          "saved parameters do not fit the fm model"),
         ("extra parameter", {**state, "extra": torch.zeros(1)}, {"spec": good}, "saved parameters do not fit"),
@@ -349,7 +353,7 @@ def test_hostile_retrained_model_files(tmp_path):
             load_retrained(path)
         assert str(error.value).startswith(f"{path}: "), str(error.value)
         names.add(name)
-    assert len(names) == 12
+    assert len(names) == 14
 
 
 def test_hostile_search_run_folders(tmp_path):

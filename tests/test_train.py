@@ -128,6 +128,30 @@ def test_masked_embedding_keeps_pruned_entries_zero():
         MaskedEmbedding(weight, mask[:, :2])
 
 
+def test_masked_embedding_without_copy_takes_the_weight_itself():
+    weight = torch.randn(10, 4)
+    mask = torch.rand(10, 4) > 0.5
+    expected = MaskedEmbedding(weight, mask).weight.detach()
+    assert not torch.equal(weight, expected)  # the copy left `weight` as it was
+    emb = MaskedEmbedding(weight, mask, copy=False)
+    assert emb.weight.data_ptr() == weight.data_ptr() and torch.equal(weight, expected)
+
+
+def test_load_retrained_masks_the_saved_table(tmp_path):
+    """A retrained model file whose table is not zero where its mask is False (a retrain never
+    writes one) loads as its masked table: the model's weight is the loaded tensor, masked in place."""
+    from pep_kernels.train.retrain import load_retrained
+
+    spec = RunSpec("fm", [6, 4], 3)
+    model = spec.build(MaskedEmbedding(torch.randn(10, 3), torch.rand(10, 3) > 0.5, field_dims=[6, 4]))
+    state = dict(model.state_dict(), **{"embedding.weight": torch.randn(10, 3)})
+    checkpoint.save(tmp_path / "model.safetensors", state, {"spec": spec.to_dict()})
+    loaded, _ = load_retrained(tmp_path / "model.safetensors")
+    keep = state["embedding.keep"]
+    assert torch.equal(loaded.embedding.keep, keep)
+    assert torch.equal(loaded.embedding.weight.detach(), torch.where(keep, state["embedding.weight"], 0.0))
+
+
 def test_metrics_match_sklearn():
     torch.manual_seed(0)
 

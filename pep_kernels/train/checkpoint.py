@@ -1,16 +1,19 @@
 """Files of a search run: safetensors for tensors, JSON metadata inside them, no pickle.
 
-Writes are atomic (temporary file in the same folder, fsync, rename), so a crash mid-save leaves
-the previous file intact. A write killed between creating its temporary file and the rename
-leaves `.<name>.<random>.tmp` behind; whoever writes `<name>` removes such leftovers when it
-starts (`remove_stale_temporaries`). Every file carries a sha256 of its metadata and tensors
+Writes are atomic (a temporary file in the same folder, fsync, rename), so a crash mid-save leaves
+the previous file intact. The temporary file lies in a folder of its own, `.<name>.<random>.tmp`,
+beside `<name>`: safetensors itself writes through a temporary file (`.tmpXXXXXX`) next to the
+file it is given, so a write killed at any point leaves its remains under that one name, and
+whoever writes `<name>` removes them when it starts (`remove_stale_temporaries`). Every file carries a sha256 of its metadata and tensors
 (names, dtypes, shapes and bytes), checked on load: a flipped bit anywhere is a ValueError.
 """
 
+import contextlib
 import hashlib
 import json
 import math
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -31,37 +34,37 @@ def checksum(meta_text, tensors):
     return "sha256:" + digest.hexdigest()
 
 
-def save(path, tensors, meta):
-    """Atomically writes `tensors` (name -> tensor) and a JSON-serialisable `meta` dict."""
+@contextlib.contextmanager
+def _atomic_target(path):
+    """A path to write the new contents of `path` to, inside a fresh `.<name>.<random>.tmp`
+    folder beside it; when the block ends without an error the file is fsynced and renamed to
+    `path`. The folder is removed either way."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    meta_text = json.dumps(meta)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    folder = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
-        save_file(tensors, tmp, metadata={"pep_kernels": meta_text, "pep_kernels_checksum": checksum(meta_text, tensors)})
+        tmp = folder / path.name
+        yield tmp
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def save(path, tensors, meta):
+    """Atomically writes `tensors` (name -> tensor) and a JSON-serialisable `meta` dict."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    meta_text = json.dumps(meta)
+    with _atomic_target(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"pep_kernels": meta_text,
+                                               "pep_kernels_checksum": checksum(meta_text, tensors)})
 
 
 def save_text(path, text):
     """Atomically writes a text file (a run's JSON summary), as `save` writes tensors."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with _atomic_target(path) as tmp:
+        tmp.write_text(text)
 
 
 def load(path):
@@ -101,14 +104,18 @@ def load(path):
 
 
 def remove_stale_temporaries(folder, names):
-    """Removes the temporary files that killed writes of `names` (file names or glob patterns)
-    left in `folder` (`.<name>.<random>.tmp`, see `save`); returns their names. Only the writer
-    of those files may call it, when it starts: a temporary file of a write in progress looks the same."""
+    """Removes what killed writes of `names` (file names or glob patterns) left in `folder`
+    (`.<name>.<random>.tmp` folders, see `save`, or files of that name); returns their names.
+    Only the writer of those files may call it, when it starts: the temporary folder of a write
+    in progress looks the same."""
     folder = Path(folder)
     removed = []
     for name in names:
         for tmp in sorted(folder.glob(f".{name}.*.tmp")):
-            tmp.unlink(missing_ok=True)
+            if tmp.is_dir() and not tmp.is_symlink():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
             removed.append(tmp.name)
     return removed
 

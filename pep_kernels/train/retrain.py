@@ -118,9 +118,13 @@ def load_retrained(path):
         spec = RunSpec.from_dict(meta.get("spec"))
         if "embedding.weight" not in state or "embedding.keep" not in state:
             raise ValueError("it holds no retrained PEP table (embedding.weight and embedding.keep)")
-        model = spec.build(MaskedEmbedding(state["embedding.weight"], state["embedding.keep"],
-                                           field_dims=spec.field_dims))
-        try:  # assign: the model takes the loaded tensors, its own copy of the table is freed
+        weight, keep = state["embedding.weight"], state["embedding.keep"]
+        if not weight.is_floating_point() or keep.dtype != torch.bool:
+            raise ValueError(f"the retrained table must be floating-point with a bool mask, got {weight.dtype} "
+                             f"and {keep.dtype}")
+        # copy=False, assign: the model takes the loaded tensors themselves, the table is never copied
+        model = spec.build(MaskedEmbedding(weight, keep, field_dims=spec.field_dims, copy=False))
+        try:
             model.load_state_dict(state, assign=True)
         except RuntimeError as e:  # missing, unexpected or misshapen parameters
             raise ValueError(f"the saved parameters do not fit the {spec.model} model: {str(e)[:500]}") from None
