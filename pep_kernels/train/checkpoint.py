@@ -4,8 +4,9 @@ Writes are atomic (a temporary file in the same folder, fsync, rename), so a cra
 the previous file intact. The temporary file lies in a folder of its own, `.<name>.<random>.tmp`,
 beside `<name>`: safetensors itself writes through a temporary file (`.tmpXXXXXX`) next to the
 file it is given, so a write killed at any point leaves its remains under that one name, and
-whoever writes `<name>` removes them when it starts (`remove_stale_temporaries`). Every file carries a sha256 of its metadata and tensors
-(names, dtypes, shapes and bytes), checked on load: a flipped bit anywhere is a ValueError.
+whoever writes `<name>` removes them when it starts (`remove_stale_temporaries`). Every file
+carries a sha256 of its metadata and tensors (names, dtypes, shapes and bytes), checked on load:
+a flipped bit anywhere is a ValueError.
 """
 
 import contextlib
