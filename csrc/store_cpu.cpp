@@ -166,8 +166,8 @@ void for_each_entry(const Row& row, const Format& f, int64_t row_id, Emit&& emit
 
 // Always inlined: a call per id costs the lookups a third of their time.
 template <typename offset_t>
-[[gnu::always_inline]] inline Row parsed_row(const offset_t* offsets, int64_t row_id, const uint8_t* payload, int64_t payload_bytes,
-               const Format& f) {
+[[gnu::always_inline]] inline Row parsed_row(const offset_t* offsets, int64_t row_id, const uint8_t* payload,
+                                             int64_t payload_bytes, const Format& f) {
   Row row{};
   const RowError error = store::parse_row(offsets, row_id, payload, payload_bytes, f, &row);
   if (error != RowError::None) throw_row_error(row_id, error);
@@ -489,7 +489,7 @@ at::Tensor store_lookup(const at::Tensor& offsets_in, const at::Tensor& payload_
     dispatch_offsets(s.offsets, [&](const auto* offsets) {
       dispatch_values(f.values, [&](auto v) {
         constexpr Values V = decltype(v)::value;
-        const bool avx2 = lookup_with_avx2();
+        [[maybe_unused]] const bool avx2 = lookup_with_avx2();
         at::parallel_for(0, n, grain(dim), [&](int64_t begin, int64_t end) {
 #if PEP_STORE_AVX2
           if (avx2) return avx2::lookup_rows<V>(id, begin, end, offsets, payload, payload_bytes, f, o);
