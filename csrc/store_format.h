@@ -137,6 +137,19 @@ enum class RowError : int32_t {
   Scale,   // an int8 scale that is negative or not finite
 };
 
+// length / entry for a Columns entry of 2 to 6 bytes, each a division by a constant: a division
+// by a variable took a tenth of a CPU lookup's time.
+PEP_HOST_DEVICE inline int64_t divide_by_entry(int64_t length, int64_t entry) {
+  switch (entry) {
+    case 2: return length / 2;
+    case 3: return length / 3;
+    case 4: return length / 4;
+    case 5: return length / 5;
+    case 6: return length / 6;
+    default: return length / entry;
+  }
+}
+
 // Parses row `row`. Checks everything that keeps a reader inside the payload and the output row:
 // the row's byte range, its length against its count (columns) or mask popcount (bitmask), and
 // mask bits past dim. Column ids are left to the readers, which check each against dim before
@@ -160,8 +173,8 @@ PEP_HOST_DEVICE inline RowError parse_row(const offset_t* offsets, int64_t row, 
   int64_t count = 0;
   if (f.encoding == Encoding::Columns) {
     const int64_t entry = column_bytes(f.dim) + vb;
-    if (length % entry != 0) return RowError::Length;
-    count = length / entry;
+    count = divide_by_entry(length, entry);
+    if (count * entry != length) return RowError::Length;
     out->values = p + count * column_bytes(f.dim);
   } else {
     const int64_t mb = mask_bytes(f.dim);

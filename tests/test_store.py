@@ -91,6 +91,26 @@ def test_lossy_values_stay_within_their_error(dim, values, encoding):
     assert torch.equal(store.lookup(ids), decoded[ids])
 
 
+@pytest.mark.parametrize("values", VALUES)
+@pytest.mark.parametrize("dim", (16, 21, 64))
+def test_bitmask_rows_near_the_end_of_the_payload(values, dim):
+    """The AVX2 lookup expands a bitmask row 8 columns at a time from 8 values that may run past
+    the row: past the payload's end it must decode value by value (rows of 1-3 values last)."""
+    gen = torch.Generator().manual_seed(3)
+    table = torch.zeros(6, dim)
+    table[0] = torch.randn(dim, generator=gen)  # every column kept
+    table[1, ::3] = torch.randn(len(range(0, dim, 3)), generator=gen)
+    for row, columns in ((3, [dim - 1]), (4, [0, 9, dim - 2]), (5, [7, 8])):
+        table[row, columns] = torch.randn(len(columns), generator=gen)
+    store = SparseRowStore.from_dense(table, values=values, encoding="bitmask")
+    expected = table if values == "fp32" else store.to_dense()
+    if values in LOSSY:
+        assert torch.equal(expected, table.to(LOSSY[values]).float())
+    ids = torch.tensor([5, 4, 3, 2, 1, 0, 5, 5, 4])
+    assert torch.equal(bits(store.lookup(ids)), bits(expected[ids]))
+    assert torch.equal(bits(store.lookup(ids[:1])), bits(expected[5:6]))
+
+
 def test_every_half_value_round_trips():
     halves = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16).view(torch.float16)
     finite = halves[torch.isfinite(halves) & (halves != 0)].float()  # NaN and inf cannot be stored as fp16
