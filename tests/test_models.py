@@ -6,6 +6,7 @@ from torch import nn
 
 from pep_kernels import PEPEmbedding
 from pep_kernels.models import MODELS, FieldEmbedding, LinearTerm, LogisticRegression, build_model
+from pep_kernels.models.autoint import FieldSelfAttention
 from pep_kernels.models.dcn import CrossNetworkV2
 from pep_kernels.models.fm import pairwise_interaction
 
@@ -139,3 +140,26 @@ def test_cross_layers_follow_dcn_v2():
     x1 = x0 * cross.layers[0](x0) + x0
     x2 = x0 * cross.layers[1](x1) + x1
     torch.testing.assert_close(cross(x0), x2)
+
+
+@pytest.mark.parametrize("heads", [1, 2])
+def test_field_self_attention_is_torchs_multihead_attention(heads):
+    torch.manual_seed(0)
+    attention = FieldSelfAttention(8, heads)
+    x = torch.randn(BATCH, 9, 8, requires_grad=True)
+    x_reference = x.detach().clone().requires_grad_()
+    out = attention(x)
+    expected = nn.MultiheadAttention.forward(attention, x_reference, x_reference, x_reference, need_weights=False)[0]
+    # fp32, sums of at most 3 * 8 products in another order: a few ulps of values of order 1.
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    expected.backward(grad)
+    torch.testing.assert_close(x.grad, x_reference.grad, rtol=1e-6, atol=1e-6)
+
+
+def test_field_self_attention_drops_attention_weights_only_in_training():
+    attention = FieldSelfAttention(8, 2, dropout=0.5)
+    x = torch.randn(BATCH, 3, 8)
+    torch.testing.assert_close(attention.eval()(x), attention(x))
+    assert not torch.allclose(attention.train()(x), attention.eval()(x))

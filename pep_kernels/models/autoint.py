@@ -6,6 +6,26 @@ from torch import nn
 from .layers import LinearTerm, MultiLayerPerceptron, embedding_dim_of
 
 
+class FieldSelfAttention(nn.MultiheadAttention):
+    """`nn.MultiheadAttention(batch_first=True)` over the fields, as self-attention: same parameters and numbers.
+
+    Over a handful of fields torch's CPU attention kernel is about 2x slower (forward and backward) than two
+    einsums, and attention over fields is most of AutoInt's step.
+    """
+
+    def __init__(self, embed_dim, num_heads, dropout=0.0):
+        super().__init__(embed_dim, num_heads, dropout=dropout, batch_first=True)
+
+    def forward(self, x):
+        batch, fields, _ = x.shape
+        qkv = nn.functional.linear(x, self.in_proj_weight, self.in_proj_bias)
+        q, k, v = qkv.view(batch, fields, 3, self.num_heads, self.head_dim).unbind(2)
+        scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * self.head_dim**-0.5
+        weights = nn.functional.dropout(scores.softmax(-1), self.dropout, self.training)
+        out = torch.einsum("bhqk,bkhd->bqhd", weights, v).reshape(batch, fields, self.embed_dim)
+        return self.out_proj(out)
+
+
 class AutoInt(nn.Module):
     """logit = bias + linear term + self-attention over the fields + MLP over the concatenated embeddings.
 
@@ -25,8 +45,7 @@ class AutoInt(nn.Module):
         self.bias = nn.Parameter(torch.zeros(1))
         self.atten_embedding = nn.Linear(d, atten_embed_dim)
         self.self_attns = nn.ModuleList(
-            nn.MultiheadAttention(atten_embed_dim, num_heads, dropout=attention_dropout, batch_first=True)
-            for _ in range(num_layers)
+            FieldSelfAttention(atten_embed_dim, num_heads, dropout=attention_dropout) for _ in range(num_layers)
         )
         self.residual = nn.Linear(d, atten_embed_dim) if has_residual else None
         self.attn_fc = nn.Linear(len(field_dims) * atten_embed_dim, 1)
@@ -36,7 +55,7 @@ class AutoInt(nn.Module):
         v = self.embedding(x)
         cross = self.atten_embedding(v)
         for self_attn in self.self_attns:
-            cross, _ = self_attn(cross, cross, cross, need_weights=False)
+            cross = self_attn(cross)
         if self.residual is not None:
             cross = cross + self.residual(v)
         attention_logit = self.attn_fc(cross.relu().flatten(1)).squeeze(1)
