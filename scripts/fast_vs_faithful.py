@@ -140,6 +140,15 @@ def main(argv=None):
                 row += f" {x['swapped_auc']:.4f} ({x['swapped_auc'] - x['auc']:+.4f}) |"
             lines.append(row)
     seconds = {m: statistics.mean(r[m]["seconds"] for r in results.values()) for m in ("faithful", "fast")}
+    lines += ["", "| model | budget | AUC fast - faithful, mean over the seeds | per seed |", "|---|---|---|---|"]
+    for model_name in args.models:
+        for budget in BUDGETS:
+            per_seed = [r["fast"]["budgets"][budget]["auc"] - r["faithful"]["budgets"][budget]["auc"]
+                        for key, r in results.items() if key.rsplit("-", 1)[0] == model_name
+                        and budget in r["faithful"]["budgets"] and budget in r["fast"]["budgets"]]
+            if per_seed:
+                lines.append(f"| {model_name} | {budget:.0%} | {statistics.mean(per_seed):+.4f} | "
+                             f"{', '.join(f'{d:+.4f}' for d in per_seed)} |")
     lines += ["",
               f"- AUC fast - faithful: largest {max(map(abs, gaps)):.4f}, mean {statistics.mean(gaps):+.4f}."
               + (f" Control (faithful's snapshot with {args.swaps} mask entries swapped, retrained alike): largest "
