@@ -22,6 +22,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+# The safetensors dtypes a file may hold: what models, optimizers and masks are made of.
+FILE_DTYPES = ("BOOL", "U8", "I8", "I16", "I32", "I64", "F16", "BF16", "F32", "F64")
+
 
 def checksum(meta_text, tensors):
     """sha256 of the metadata string and of every tensor's name, dtype, shape and bytes (the
@@ -83,6 +86,10 @@ def load(path):
                 shape = f.get_slice(name).get_shape()
                 if math.prod(max(n, 1) for n in shape) >= 2**63:
                     raise ValueError(f"tensor {name!r} has shape {shape}, beyond int64")
+                # torch cannot fill every dtype safetensors names (the packed float4 types, say).
+                dtype = f.get_slice(name).get_dtype()
+                if dtype not in FILE_DTYPES:
+                    raise ValueError(f"tensor {name!r} has dtype {dtype}; expected one of {', '.join(FILE_DTYPES)}")
             tensors = {name: f.get_tensor(name) for name in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
         if isinstance(e, FileNotFoundError):
