@@ -26,7 +26,8 @@ void row_optimizer_step(at::TensorList state, const at::Tensor& rows, const at::
                         int64_t step);
 
 // Adam ("adam"): brings `rows` (any ids, duplicates allowed; all rows when absent) up to step
-// `to_step`.
+// `to_step`; `state` is [param, exp_avg, exp_avg_sq, last_step] of one or more parameters with the
+// same rows (W and per-row thresholds, caught up in one pass over the ids).
 void row_optimizer_catch_up(at::TensorList state, const std::optional<at::Tensor>& rows,
                             const at::Tensor& schedule, at::ArrayRef<double> hparams, int64_t to_step);
 

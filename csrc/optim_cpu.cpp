@@ -5,6 +5,8 @@
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 
+#include <vector>
+
 #include "cpu_features.h"
 
 namespace pep_kernels {
@@ -145,10 +147,18 @@ void row_optimizer_step(at::TensorList state, const at::Tensor& rows_in, const a
 
 void row_optimizer_catch_up(at::TensorList state, const std::optional<at::Tensor>& rows_in,
                             const at::Tensor& schedule, at::ArrayRef<double> hparams, int64_t to_step) {
-  TORCH_CHECK_VALUE(!state.empty(), "optimizer state must not be empty");
+  TORCH_CHECK_VALUE(!state.empty() && state.size() % 4 == 0,
+                    "optimizer state must be [param, state1, state2, last_step] for each parameter, got ",
+                    state.size(), " tensors");
   const at::Tensor& param = state[0];
   TORCH_CHECK_TYPE(param.scalar_type() == at::kFloat || param.scalar_type() == at::kDouble,
                    "row optimizers take float32 or float64 parameters, got ", param.scalar_type());
+  for (size_t k = 4; k < state.size(); k += 4) {
+    TORCH_CHECK_VALUE(state[k].dim() == 2 && state[k].size(0) == param.size(0) &&
+                          state[k].scalar_type() == param.scalar_type(),
+                      "the parameters caught up together must have the same rows and dtype: ", param.sizes(), " ",
+                      param.scalar_type(), " and ", state[k].sizes(), " ", state[k].scalar_type());
+  }
   if (to_step < 1) return;  // nothing has been applied yet
   at::Tensor rows;
   if (rows_in.has_value()) {
@@ -164,12 +174,24 @@ void row_optimizer_catch_up(at::TensorList state, const std::optional<at::Tensor
   const int64_t n = rows.defined() ? rows.numel() : param.size(0);
   const bool avx2 = cpu_has_avx2();
   AT_DISPATCH_FLOATING_TYPES(param.scalar_type(), "pep_row_optimizer_catch_up", [&] {
-    const OptimArgs<scalar_t> o = optim_args<scalar_t>(state, schedule, RowOptim::Adam, hparams, to_step);
+    std::vector<OptimArgs<scalar_t>> params;
+    for (size_t k = 0; k < state.size(); k += 4) {
+      params.push_back(optim_args<scalar_t>(state.slice(k, 4), schedule, RowOptim::Adam, hparams, to_step));
+    }
+    const int64_t count = static_cast<int64_t>(params.size());
     const int64_t* r = rows.defined() ? rows.data_ptr<int64_t>() : nullptr;
-    // Rows far behind cost far more than others: small tasks keep the threads balanced.
-    at::parallel_for(0, n, 256, [&](int64_t begin, int64_t end) {
-      avx2 ? rows_avx2::catch_up(o, r, begin, end, to_step) : rows_base::catch_up(o, r, begin, end, to_step);
-    });
+    const auto catch_up = [&](int64_t begin, int64_t end, int64_t part, int64_t parts) {
+      avx2 ? rows_avx2::catch_up(params.data(), count, r, begin, end, part, parts, to_step)
+           : rows_base::catch_up(params.data(), count, r, begin, end, part, parts, to_step);
+    };
+    if (r == nullptr) {  // every row once: split the rows
+      at::parallel_for(0, n, 256, [&](int64_t begin, int64_t end) { catch_up(begin, end, 0, 1); });
+    } else {  // ids, with duplicates: every task reads all ids and catches up the rows it owns
+      const int64_t parts = std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(n / 256, 1));
+      at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t part = begin; part < end; ++part) catch_up(0, n, part, parts);
+      });
+    }
   });
 }
 

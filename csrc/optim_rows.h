@@ -52,10 +52,13 @@ struct OptimArgs {
                   int64_t end);                                                                         \
   void apply_rows(const OptimArgs<double>& o, const int64_t* rows, const double* grads, int64_t begin, \
                   int64_t end);                                                                         \
-  /* Adam: catches rows[i] (or row i when rows is null) up to `to_step` over the steps it was not */  \
-  /* in a batch, where a dense step updates it with a zero loss gradient (`fast` Adam's rule). */      \
-  void catch_up(const OptimArgs<float>& o, const int64_t* rows, int64_t begin, int64_t end, int64_t to_step); \
-  void catch_up(const OptimArgs<double>& o, const int64_t* rows, int64_t begin, int64_t end, int64_t to_step); \
+  /* Adam: catches rows[i] (or row i when rows is null) of `count` parameters up to `to_step` over */ \
+  /* the steps each was not in a batch, where a dense step updates it with a zero loss gradient */    \
+  /* (`fast` Adam's rule); only the rows that task `part` of `parts` owns. */                         \
+  void catch_up(const OptimArgs<float>* params, int64_t count, const int64_t* rows, int64_t begin,    \
+                int64_t end, int64_t part, int64_t parts, int64_t to_step);                           \
+  void catch_up(const OptimArgs<double>* params, int64_t count, const int64_t* rows, int64_t begin,   \
+                int64_t end, int64_t part, int64_t parts, int64_t to_step);                           \
   /* Adam, every row: rows [row_begin, row_end) with the sorted gradient rows merged in. */            \
   void dense_adam(const OptimArgs<float>& o, const int64_t* rows, const float* grads, int64_t num_rows, \
                   int64_t row_begin, int64_t row_end);                                                  \

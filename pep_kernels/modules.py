@@ -157,10 +157,11 @@ class PEPEmbedding(_FieldTable):
         if not (isinstance(self.optimizer, Adam) and self.optimizer.mode == "fast") or step == 0:
             return
         schedule = self._adam_schedule(step)
+        # W and per-row thresholds in one pass over the ids.
+        state = [t for name in self._optimized_parameters() for t in self._optimizer_state(name)]
         with torch.no_grad():
-            for name in self._optimized_parameters():
-                optim_ops.row_optimizer_catch_up(
-                    self._optimizer_state(name), rows, schedule, self.optimizer.hparams(), step, self._kernel_backend())
+            optim_ops.row_optimizer_catch_up(state, rows, schedule, self.optimizer.hparams(), step,
+                                             self._kernel_backend())
 
     def sync(self):
         """Brings every row up to date (a no-op unless the optimizer is `fast` Adam)."""

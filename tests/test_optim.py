@@ -343,6 +343,63 @@ def test_fast_adam_short_gaps_are_replayed_exactly(gap):
         assert torch.equal(a, b)
 
 
+def test_catch_up_of_duplicate_ids_on_several_threads_replays_each_row_once():
+    """Every task reads all the ids and catches up the rows it owns: duplicate ids on any number of
+    threads give the bits of one catch-up per row, and rows not named stay as they were."""
+    rows, dim, step = 2000, 17, 300
+    rule = Adam(lr=1e-3, weight_decay=1e-5)
+    sched = rule.schedule(step, torch.float32, "cpu")
+    gen = torch.Generator().manual_seed(6)
+    p = 0.02 * torch.randn(rows, dim, generator=gen)
+    last_step = torch.randint(0, step, (rows,), generator=gen)
+    start = [p, 1e-4 * torch.randn(rows, dim, generator=gen), 1e-8 * torch.rand(rows, dim, generator=gen), last_step]
+    ids = torch.randint(0, rows // 2, (4096,), generator=gen)  # duplicate-heavy; rows from 1000 on never named
+    expected = [t.clone() for t in start]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        row_optimizer_catch_up(expected, ids.unique(), sched, rule.hparams(), step, "cpu")
+        for n in (2, 3):
+            torch.set_num_threads(n)
+            state = [t.clone() for t in start]
+            row_optimizer_catch_up(state, ids, sched, rule.hparams(), step, "cpu")
+            for got, want in zip(state, expected):
+                assert torch.equal(got, want)
+    finally:
+        torch.set_num_threads(threads)
+    named = torch.zeros(rows, dtype=torch.bool)
+    named[ids] = True
+    assert bool((expected[3][named] == step).all()) and torch.equal(expected[3][~named], last_step[~named])
+    assert not torch.equal(expected[0][named], p[named])
+
+
+def test_catch_up_of_two_parameters_in_one_pass_is_each_caught_up_alone():
+    """W and its per-row thresholds caught up in one call (as the module does) get the bits of one
+    call each, each parameter by its own last steps; states of different rows are refused."""
+    rows, step = 600, 200
+    rule = Adam(lr=1e-3, weight_decay=1e-5)
+    sched = rule.schedule(step, torch.float32, "cpu")
+    gen = torch.Generator().manual_seed(7)
+
+    def state(dim):
+        return [0.02 * torch.randn(rows, dim, generator=gen), 1e-4 * torch.randn(rows, dim, generator=gen),
+                1e-8 * torch.rand(rows, dim, generator=gen), torch.randint(0, step, (rows,), generator=gen)]
+
+    weight, threshold = state(17), state(1)
+    ids = torch.randint(0, rows, (1000,), generator=gen)
+    alone = [[t.clone() for t in s] for s in (weight, threshold)]
+    for s in alone:
+        row_optimizer_catch_up(s, ids, sched, rule.hparams(), step, "cpu")
+    together = [t.clone() for t in weight + threshold]
+    row_optimizer_catch_up(together, ids, sched, rule.hparams(), step, "cpu")
+    for got, want in zip(together, alone[0] + alone[1]):
+        assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="same rows"):
+        row_optimizer_catch_up(weight + [t[:10] for t in threshold], ids, sched, rule.hparams(), step, "cpu")
+    with pytest.raises(ValueError, match="for each parameter, got 5 tensors"):
+        row_optimizer_catch_up(weight + threshold[:1], ids, sched, rule.hparams(), step, "cpu")
+
+
 def test_fast_adam_long_gap_collapse_stays_bounded():
     """A row whose second moment has run down (no loss gradient for thousands of steps) is driven
     to zero fast by the decay, faster than the momentum can follow: the exact steps oscillate in

@@ -217,7 +217,9 @@ def test_step_refuses_what_cpp_refuses(change, error, match):
 
 
 CATCH_UP_ERRORS = [
-    ("empty state", _set("state", []), ValueError, "must not be empty"),
+    ("empty state", _set("state", []), ValueError, r"last_step\] for each parameter, got 0 tensors"),
+    ("five tensors", _set("state", lambda a: a["state"] + a["state"][:1]), ValueError, "got 5 tensors"),
+    ("rows differ", _set("state", lambda a: a["state"] + [t[:2] for t in a["state"]]), ValueError, "same rows"),
     ("float16", _as(torch.float16), TypeError, "float32 parameters, got torch.float16"),
     ("int32 rows", _set("rows", lambda a: a["rows"].int()), TypeError, "rows must be int64"),
     ("row too big", _set("rows", lambda a: a["rows"] + 3), IndexError, "row 6 is out of range"),

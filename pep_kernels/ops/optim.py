@@ -48,7 +48,8 @@ def row_optimizer_step(state, rows, grads, schedule, kind, hparams, step, backen
 
 
 def row_optimizer_catch_up(state, rows, schedule, hparams, to_step, backend):
-    """Adam `fast`: replays the skipped steps of `rows` (any ids; all rows when None) up to `to_step`."""
+    """Adam `fast`: replays the skipped steps of `rows` (any ids; all rows when None) up to `to_step`.
+    `state` is [param, exp_avg, exp_avg_sq, last_step] of one or more parameters with the same rows."""
     if backend == "triton":
         _triton().row_optimizer_catch_up(state, rows, schedule, hparams, to_step)
     else:

@@ -452,14 +452,25 @@ def row_optimizer_step(state, rows, grads, schedule, kind, hparams, step):
 
 def row_optimizer_catch_up(state, rows, schedule, hparams, to_step):
     """Adam ("adam"): replays the skipped steps of `rows` (any ids, duplicates allowed; all rows
-    when None) up to `to_step`. Checks its arguments as the C++ op `row_optimizer_catch_up` does."""
-    param = _checked_param(state)
+    when None) up to `to_step`, in each parameter of `state` ([param, exp_avg, exp_avg_sq, last_step]
+    per parameter, all with the same rows). Checks its arguments as the C++ op
+    `row_optimizer_catch_up` does."""
+    if len(state) == 0 or len(state) % 4:
+        raise ValueError(f"optimizer state must be [param, state1, state2, last_step] for each parameter, got "
+                         f"{len(state)} tensors")
+    params = [_checked_param(state[k:k + 4]) for k in range(0, len(state), 4)]
+    for other in params[1:]:
+        if other.dim() != 2 or other.shape[0] != params[0].shape[0]:
+            raise ValueError(f"the parameters caught up together must have the same rows and dtype: "
+                             f"{tuple(params[0].shape)} {params[0].dtype} and {tuple(other.shape)} {other.dtype}")
     if to_step < 1:
         return  # nothing has been applied yet
     if rows is not None:
-        _check_rows(rows, param)
+        _check_rows(rows, params[0])
         # Distinct ids: one program owns each row, so duplicates cannot replay a row twice.
         rows = torch.unique(rows)
-    _check_state(state, schedule, "adam", hparams, to_step)
-    torch.ops.pep_kernels.triton_row_optimizer_catch_up(list(state), rows, schedule,
-                                                        [float(h) for h in hparams], to_step)
+    for k in range(0, len(state), 4):
+        _check_state(state[k:k + 4], schedule, "adam", hparams, to_step)
+    for k in range(0, len(state), 4):
+        torch.ops.pep_kernels.triton_row_optimizer_catch_up(list(state[k:k + 4]), rows, schedule,
+                                                            [float(h) for h in hparams], to_step)
