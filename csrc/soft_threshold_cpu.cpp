@@ -5,6 +5,9 @@
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 
+#include <array>
+#include <utility>
+
 #include "cpu_features.h"
 #include "optim.h"
 #include "soft_threshold_rows.h"
@@ -106,6 +109,33 @@ struct FusedStep {
   int64_t step;
 };
 
+// (sorted ids, their positions): a stable LSD radix sort of int64 ids in [0, num_rows), 11 bits a
+// pass (two passes up to 4M rows). torch's comparison sort took a tenth of a training step.
+std::pair<at::Tensor, at::Tensor> sort_ids(const at::Tensor& ids, int64_t num_rows) {
+  constexpr int kBits = 11;
+  constexpr int64_t kRadix = int64_t{1} << kBits;
+  const int64_t n = ids.numel();
+  at::Tensor keys[2] = {ids.clone(), at::empty_like(ids)};
+  at::Tensor order[2] = {at::arange(n, ids.options()), at::empty_like(ids)};
+  int current = 0;
+  for (int shift = 0; shift < 63 && ((num_rows - 1) >> shift) > 0; shift += kBits) {
+    const int64_t* key = keys[current].data_ptr<int64_t>();
+    const int64_t* pos = order[current].data_ptr<int64_t>();
+    int64_t* key_out = keys[1 - current].data_ptr<int64_t>();
+    int64_t* pos_out = order[1 - current].data_ptr<int64_t>();
+    std::array<int64_t, kRadix> start{};
+    for (int64_t i = 0; i < n; ++i) ++start[(key[i] >> shift) & (kRadix - 1)];
+    for (int64_t digit = 0, total = 0; digit < kRadix; ++digit) total += std::exchange(start[digit], total);
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t at = start[(key[i] >> shift) & (kRadix - 1)]++;
+      key_out[at] = key[i];
+      pos_out[at] = pos[i];
+    }
+    current = 1 - current;
+  }
+  return {keys[current], order[current]};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& grad_out_in, const at::Tensor& ids_in, const at::Tensor& weight,
     const at::Tensor& threshold, std::string_view mode, double gk, bool sparse, const FusedStep* fused) {
@@ -122,7 +152,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   });
 
   // Segments of equal ids in sorted order; each is accumulated by one task in a fixed order.
-  auto [sorted_ids, order] = at::sort(ids.to(at::kLong), /*stable=*/true, /*dim=*/0, /*descending=*/false);
+  auto [sorted_ids, order] = sort_ids(ids.to(at::kLong).contiguous(), num_rows);
   auto [seg_rows, inverse, counts] = at::unique_consecutive(sorted_ids, false, /*return_counts=*/true);
   const at::Tensor seg_start = at::constant_pad_nd(at::cumsum(counts, 0), {1, 0}, 0);
   const int64_t num_segments = seg_rows.numel();
