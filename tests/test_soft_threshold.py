@@ -96,6 +96,19 @@ def test_large_table_few_lookups(backend, mode):
     check_against_reference(backend, ids, weight, threshold, mode, sparse=True)
 
 
+@pytest.mark.parametrize("mode", ["feature", "global"])
+def test_cpu_groups_duplicates_of_ids_past_two_radix_passes(mode):
+    """The CPU backward groups equal ids by a radix sort of 11 bits a pass: ids past 2**22 take a
+    third pass. Duplicates at both ends of the id range, and ids that differ only in high bits."""
+    rows = 2**22 + 2**12
+    gen = torch.Generator().manual_seed(3)
+    weight = torch.randn(rows, 1, generator=gen)
+    threshold = torch.full((rows, 1) if mode == "feature" else (1,), -2.0)
+    ids = torch.tensor([rows - 1, 0, 2**22, 2**11, rows - 1, 0, 2**22 + 1, 2**11, 1, 2**22, 2**22 + 2**11])
+    # Dense gradients: a row split over two segments would be written twice, and lose a term.
+    check_against_reference("cpu", ids, weight, threshold, mode)
+
+
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("mode", ["dimension", "feature_dim"])
 def test_int32_ids_and_any_leading_shape(backend, mode):
