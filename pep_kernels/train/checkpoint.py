@@ -83,11 +83,12 @@ def load(path):
             for name in f.keys():
                 # An empty tensor passes safetensors' size checks whatever its other dims; torch
                 # cannot make one whose sizes or strides leave int64.
-                shape = f.get_slice(name).get_shape()
+                tensor_slice = f.get_slice(name)
+                shape = tensor_slice.get_shape()
                 if math.prod(max(n, 1) for n in shape) >= 2**63:
                     raise ValueError(f"tensor {name!r} has shape {shape}, beyond int64")
                 # torch cannot fill every dtype safetensors names (the packed float4 types, say).
-                dtype = f.get_slice(name).get_dtype()
+                dtype = tensor_slice.get_dtype()
                 if dtype not in FILE_DTYPES:
                     raise ValueError(f"tensor {name!r} has dtype {dtype}; expected one of {', '.join(FILE_DTYPES)}")
             tensors = {name: f.get_tensor(name) for name in f.keys()}
