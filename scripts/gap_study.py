@@ -130,7 +130,7 @@ def report(results, command, seconds):
                 return fmt.format(statistics.mean(values)) if values else ""
 
             aucs = [x["auc"] for _, x in xs]
-            gaps = [x["auc"] - full[s] for s, x in xs] if xs[0][1] is not rs[0]["rows"][0] else None
+            gaps = None if method == rs[0]["rows"][0]["method"] else [x["auc"] - full[s] for s, x in xs]
             sparsity = f"{target:.0%}" if target is not None else stat("sparsity", "{:.2%}") or "0%"
             sd = lambda v: f" ± {statistics.stdev(v):.4f}" if len(v) > 1 else ""  # noqa: E731
             lines.append(f"| {model} | {method} | {sparsity} | {statistics.mean(aucs):.4f}{sd(aucs)} | "
