@@ -17,6 +17,8 @@ Per (data, model, seed), on the seed's 80/10/10 split:
   data (threshold_init -4, lr 1e-2, the former docs/RESULTS.md recipe), at most RECIPE_EPOCHS
   epochs; every snapshot retrained.
 - magnitude: the `nnz` largest entries of the trained full table, at the controller's counts.
+The controller and the recipe search with `--threshold-mode` (default feature_dim, the published
+runs' mode).
 Every retrain and the full table: lr 1e-2, at most TRAIN_EPOCHS epochs, early stopping on
 validation AUC with patience PATIENCE. One more run, the published recipe itself (threshold_init
 -15, lr 1e-3, faithful pruning) on MovieLens FM seed 0 for up to PUBLISHED_STEPS steps, measures
@@ -51,7 +53,8 @@ def log(message):
     print(message, file=sys.stderr, flush=True)
 
 
-def one_run(data_name, model_name, seed, work, train_epochs=TRAIN_EPOCHS, search_lr=SEARCH_LR, steps=STEPS):
+def one_run(data_name, model_name, seed, work, train_epochs=TRAIN_EPOCHS, search_lr=SEARCH_LR, steps=STEPS,
+            threshold_mode="feature_dim"):
     from pep_kernels.cli import load_data
     from pep_kernels.data import split
     from pep_kernels.models import FieldEmbedding
@@ -72,16 +75,19 @@ def one_run(data_name, model_name, seed, work, train_epochs=TRAIN_EPOCHS, search
     start = time.perf_counter()
 
     torch.manual_seed(seed)
-    ctrl_spec = RunSpec(model_name, data.field_dims, 16, model_kwargs=kwargs, threshold_init=-15.0)
+    ctrl_spec = RunSpec(model_name, data.field_dims, 16, model_kwargs=kwargs, threshold_init=-15.0,
+                        threshold_mode=threshold_mode)
     full = ctrl_spec.build(FieldEmbedding(data.field_dims, 16))
     initial = copy.deepcopy(full.state_dict())
     best = fit(full, train, val, desc="full", **common)
     out["rows"].append(dict(method="full", target=0.0, nnz=table_size, best_epoch=best["epoch"], **evaluate(full, *test)))
 
-    recipe_spec = RunSpec(model_name, data.field_dims, 16, model_kwargs=kwargs, threshold_init=-4.0)
+    recipe_spec = RunSpec(model_name, data.field_dims, 16, model_kwargs=kwargs, threshold_init=-4.0,
+                          threshold_mode=threshold_mode)
     for method, spec, options in (
+        # epochs: room to pass the last budget up to 10% past its planned step (issue 6's tolerance)
         ("controller", ctrl_spec, dict(lr=search_lr, pruning="budget", steps=steps,
-                                       epochs=math.ceil(steps / steps_per_epoch) + 2)),
+                                       epochs=math.ceil(1.1 * steps / steps_per_epoch))),
         ("recipe", recipe_spec, dict(lr=1e-2, pruning="faithful", epochs=RECIPE_EPOCHS)),
     ):
         run_dir = work / f"{data_name}-{model_name}-{seed}-{method}"
@@ -171,7 +177,7 @@ def report(results, command, seconds):
             worst = max([worst] + offs)
             lines.append(f"| {data} | {model} | {budget:.0%} ({targets[0]['budget']}) | {planned} | "
                          f"{', '.join(str(s) if s is not None else 'not reached' for s in reached)} | "
-                         f"{max(offs):.1%} | {', '.join(str(t['nnz']) for t in targets)} |")
+                         f"{f'{max(offs):.1%}' if offs else '-'} | {', '.join(str(t['nnz']) for t in targets)} |")
     lines += ["", f"Largest |reached - planned| / planned: {worst:.1%}.", "",
               "### Test AUC at equal budgets", "",
               "Mean ± standard deviation over the seeds. `Δ full`: AUC minus the same seed's full table; "
@@ -231,6 +237,7 @@ def main(argv=None):
                         help="most epochs of the full table and of each retrain")
     parser.add_argument("--search-lr", type=float, default=SEARCH_LR, help="the controller search's learning rate")
     parser.add_argument("--steps", type=int, default=STEPS, help="the controller search's step budget")
+    parser.add_argument("--threshold-mode", default="feature_dim", help="PEP's threshold granularity (PEP_SPEC 1)")
     parser.add_argument("--no-published", action="store_true", help="skip the long published-recipe run")
     parser.add_argument("--report-only", action="store_true", help="rewrite the markdown from the .json")
     parser.add_argument("--out", type=Path, default=Path("budget_results.md"))
@@ -246,7 +253,8 @@ def main(argv=None):
         tasks = [] if args.no_published else [("published", args.data[0], "fm", 0, work, None)]
         # AutoInt (ten times slower per step) last, so that a cut run has the other models whole
         runs = [(d, m, s) for d in args.data for m in args.models for s in args.seeds]
-        options = dict(train_epochs=args.train_epochs, search_lr=args.search_lr, steps=args.steps)
+        options = dict(train_epochs=args.train_epochs, search_lr=args.search_lr, steps=args.steps,
+                       threshold_mode=args.threshold_mode)
         tasks += [("run", d, m, s, work, options) for d, m, s in sorted(
             runs, key=lambda r: (r[1] == "autoint", args.data.index(r[0])))]
         results = []

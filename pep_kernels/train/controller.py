@@ -8,7 +8,11 @@ Plan: a curve of non-zero counts over steps. From the step-0 count it eases into
 its planned step along a cubic, `n = n_a - (n_a - n_b) * (1 - (1 - x)^3) / (1 - (1 - 0.8)^3)`
 with `x` running from 0 to 0.8 over the segment: pruning is fastest early in each segment and
 slows into the budget (the schedule of gradual magnitude pruning, Zhu & Gupta 2017), but still
-falls when it passes it, so that the step it is passed at is well defined. By default the planned
+falls when it passes it, so that the step it is passed at is well defined. Past the last
+planned step the plan falls on in a line at the slope it had there (instead of flattening into
+the cubic's end, ~0.8% of the segment below the budget): where thresholds are shared (global,
+dimension, field modes) the loss pulls s down every step, the count trails the plan by a steady
+margin, and a flattening plan could stop just short of the last budget. By default the planned
 steps are where one cubic from the step-0 sparsity to the last budget's, over the step budget,
 crosses each budget.
 
@@ -30,7 +34,12 @@ import math
 
 GROW, SHRINK = 1.5, 0.5
 FIRST_DELTA, MIN_DELTA, MAX_DELTA = 0.05, 1e-4, 2.0
-LOG_GK_RANGE = (-30.0, 30.0)  # gk within about [1e-13, 1e13]: far beyond any useful threshold
+# gk within [e^-80, e^80]; e^80 is finite in float32 (whose largest is about e^88.7). The range
+# must be wide: where one threshold is shared by many entries (global, dimension and the field
+# modes) the loss pulls each s down by about lr per step under Adam and gk must rise as fast (at
+# lr 1e-2 to about e^52 over 3,000 steps on MovieLens-100K). Needing e^80 means s near -83 for
+# thresholds the size of W's entries: sigmoid(s) nears float32's underflow, past any gk's reach.
+LOG_GK_RANGE = (-80.0, 80.0)
 DEADBAND = 1e-3  # |e| below this (0.1% of the count) leaves gk alone
 # Sensitivity k = -d ln(count) / d ln(gk), a running mean of what the last changes did; a step is
 # at most |e| / max(k, 1), Newton's step, so that a sensitive table (one shared threshold, high
@@ -93,14 +102,24 @@ class BudgetController:
     def gk(self):
         return math.exp(self.log_gk)
 
+    @property
+    def saturated(self):
+        """gk is at the top of its range: the thresholds have fallen too far for it to prune more."""
+        return self.log_gk >= LOG_GK_RANGE[1]
+
     def planned_nnz(self, step):
-        """The plan's count at `step`; past the last planned step the last segment runs on to its end."""
+        """The plan's count at `step`; past the last planned step it falls on at the slope it had there."""
         start_step, start = 0, self.initial_nnz
         for i, (count, end_step) in enumerate(zip(self.counts, self.planned_steps)):
             count = min(count, start)  # a budget met before its segment holds the count, never un-prunes
-            if step < end_step or i == len(self.counts) - 1:
-                x = min(1.0, (step - start_step) / (end_step - start_step) * ARRIVAL)
-                return start - (start - count) * _ease(x) / _ease(ARRIVAL)
+            last = i == len(self.counts) - 1
+            if step < end_step or last:
+                x = min(ARRIVAL, (step - start_step) / (end_step - start_step) * ARRIVAL)
+                planned = start - (start - count) * _ease(x) / _ease(ARRIVAL)
+                if step > end_step:  # so that a count trailing the plan by a steady margin still passes the budget
+                    slope = (start - count) * 3 * (1 - ARRIVAL) ** 2 * ARRIVAL / _ease(ARRIVAL) / (end_step - start_step)
+                    planned -= slope * (step - end_step)
+                return max(planned, 0.0)
             start_step, start = end_step, count
 
     def update(self, step, nnz):

@@ -31,7 +31,7 @@ import torch
 
 from ..optim import Adam
 from . import checkpoint
-from .controller import BudgetController, cubic_planned_steps
+from .controller import LOG_GK_RANGE, BudgetController, cubic_planned_steps
 from .loop import epoch_order, make_optimizer, train_steps
 from .spec import RunSpec
 
@@ -137,6 +137,7 @@ def search(spec, x, y, out_dir, budgets, *, epochs=10, lr=1e-3, weight_decay=1e-
         log(f"warning: the plan ends at step {plan_end}, past the {available} steps of {epochs} epochs")
     state = {"step": 0, "epoch": 0, "batch": 0, "remaining": list(remaining), "snapshots": []}
     history = []  # (step, nnz, mean threshold, gk) after every counted step
+    saturation_warned = False
 
     ckpt_path = out_dir / "checkpoint.safetensors"
     if ckpt_path.exists():
@@ -176,6 +177,7 @@ def search(spec, x, y, out_dir, budgets, *, epochs=10, lr=1e-3, weight_decay=1e-
                                              "pruning": pruning, "state": state})
 
     def after_step(loss):
+        nonlocal saturation_warned
         state["step"] += 1
         state["batch"] += 1
         if state["step"] % count_every:
@@ -188,6 +190,10 @@ def search(spec, x, y, out_dir, budgets, *, epochs=10, lr=1e-3, weight_decay=1e-
             log(f"step {state['step']}: {nnz} non-zeros ({snap['sparsity']:.1%} sparse) <= budget {snap['budget']}")
         if controller is not None and state["remaining"]:
             embedding.gk = controller.update(state["step"], nnz)
+            if controller.saturated and not saturation_warned:
+                saturation_warned = True
+                log(f"warning: at step {state['step']} gk reached the top of its range (e^{LOG_GK_RANGE[1]:.0f}): the "
+                    "thresholds have fallen too far for the plan to be followed; lower the lr or plan fewer steps")
         if state["step"] % checkpoint_every == 0:
             save_checkpoint()
         return not state["remaining"]
