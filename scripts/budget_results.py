@@ -5,6 +5,7 @@ docs/RESULTS.md (issues 3 and 6) and the raw results beside it as .json.
 
     python scripts/budget_results.py [--data ml-100k synthetic=50000] [--models fm deepfm autoint]
                                      [--seeds 0 1 2] [--jobs 3] [--out docs/budget_results.md]
+    python scripts/budget_results.py --equal-count --out docs/budget_results.md
 
 Per (data, model, seed), on the seed's 80/10/10 split:
 - full: the full table, Adam lr 1e-2 (coupled L2 1e-5, batch 1024, clipping at 100 throughout).
@@ -17,6 +18,11 @@ Per (data, model, seed), on the seed's 80/10/10 split:
   data (threshold_init -4, lr 1e-2, the former docs/RESULTS.md recipe), at most RECIPE_EPOCHS
   epochs; every snapshot retrained.
 - magnitude: the `nnz` largest entries of the trained full table, at the controller's counts.
+- controller at recipe count: where the recipe passed a budget by a jump and its snapshot holds
+  more than 1% fewer non-zeros than the controller's (80% at step 2-3 on most of these tables),
+  a controller search to the recipe's own count, planned where the default plan passes that
+  count; `ctrl - recipe` compares at equal counts with it. `--equal-count` adds these rows to
+  the .json of a run made without them.
 The controller and the recipe search with `--threshold-mode` (default feature_dim, the published
 runs' mode).
 Every retrain and the full table: lr 1e-2, at most TRAIN_EPOCHS epochs, early stopping on
@@ -33,6 +39,7 @@ import copy
 import json
 import math
 import multiprocessing
+import shlex
 import statistics
 import sys
 import tempfile
@@ -46,6 +53,8 @@ SEARCH_LR, STEPS = 1e-2, 3000
 RECIPE_EPOCHS = 14
 TRAIN_EPOCHS, PATIENCE = 15, 2
 PUBLISHED_STEPS = 12_000
+EQUAL_COUNT_SLACK = 0.01
+EQUAL = "controller at recipe count"
 MODEL_KWARGS = {"fm": {}, "deepfm": {"mlp_dims": (100, 100)}, "autoint": {"mlp_dims": (100, 100)}}
 
 
@@ -101,6 +110,8 @@ def one_run(data_name, model_name, seed, work, train_epochs=TRAIN_EPOCHS, search
             out["rows"].append(dict(method=method, target=sparsity_of[snap["budget"]], nnz=result["nnz"],
                                     step=snap["step"], best_epoch=result["best_epoch"], auc=result["test_auc"],
                                     logloss=result["test_logloss"]))
+    out["rows"] += equal_count_rows(ctrl_spec, out["searches"], train, val, test, work / f"{data_name}-{model_name}-{seed}",
+                                    sparsity_of, common, seed, search_lr, steps)
     for target in out["searches"]["controller"]["targets"]:
         nnz = target["nnz"] if target["nnz"] is not None else target["budget"]
         masked = magnitude_ticket(ctrl_spec, initial, full.embedding.embedding.weight, nnz)
@@ -109,6 +120,56 @@ def one_run(data_name, model_name, seed, work, train_epochs=TRAIN_EPOCHS, search
                                 best_epoch=best["epoch"], **evaluate(masked, *test)))
     out["seconds"] = time.perf_counter() - start
     return out
+
+
+def equal_count_rows(spec, searches, train, val, test, work, sparsity_of, common, seed, search_lr, steps):
+    """Where the recipe passed a budget by a jump (more than EQUAL_COUNT_SLACK under the controller's
+    count, e.g. 80% at step 2), the controller searched to the recipe's own count, planned where the
+    default plan passes that count, and retrained: the comparison at the same non-zero count."""
+    from pep_kernels.train import retrain, search
+    from pep_kernels.train.controller import cubic_planned_steps
+
+    pairs = zip(searches["controller"]["targets"], searches["recipe"]["targets"])
+    counts = {r["nnz"]: c["budget"] for c, r in pairs
+              if r["nnz"] is not None and c["nnz"] is not None and r["nnz"] < (1 - EQUAL_COUNT_SLACK) * c["nnz"]}
+    if not counts:
+        return []
+    budgets = [t["budget"] for t in searches["controller"]["targets"]]
+    table_size = spec.num_embeddings * spec.embedding_dim
+    plan = dict(zip(sorted(budgets + list(counts), reverse=True),
+                    cubic_planned_steps(sorted(budgets + list(counts), reverse=True), table_size, steps)))
+    run_dir = Path(f"{work}-equal")
+    run = search(spec, *train, run_dir, sorted(counts, reverse=True), seed=seed, log=lambda *_: None, lr=search_lr,
+                 pruning="budget", planned_steps=[plan[c] for c in sorted(counts, reverse=True)],
+                 epochs=math.ceil(1.1 * steps / math.ceil(len(train[1]) / 1024)))
+    rows = []
+    for snap in run["snapshots"][1:]:
+        result = retrain(run_dir, snap["path"], train, val, test, **common)
+        rows.append(dict(method=EQUAL, target=sparsity_of[counts[snap["budget"]]],
+                         nnz=result["nnz"], step=snap["step"], planned_step=plan[snap["budget"]],
+                         best_epoch=result["best_epoch"], auc=result["test_auc"], logloss=result["test_logloss"]))
+    return rows
+
+
+def equal_count_run(saved, work, search_lr, steps, threshold_mode):
+    """`equal_count_rows` for a run saved by an earlier version of this script (its other rows
+    are deterministic: they would come out the same)."""
+    from pep_kernels.cli import load_data
+    from pep_kernels.data import split
+    from pep_kernels.train import budget_counts
+    from pep_kernels.train.spec import RunSpec
+
+    data_name, model_name, seed = saved["data"], saved["model"], saved["seed"]
+    data = load_data(data_name, seed=0)
+    train, val, test = ((p.x, p.y) for p in split(data, seed))
+    spec = RunSpec(model_name, data.field_dims, 16, model_kwargs=MODEL_KWARGS[model_name], threshold_init=-15.0,
+                   threshold_mode=threshold_mode)
+    sparsity_of = dict(zip(budget_counts(BUDGETS, sum(data.field_dims) * 16), sorted(BUDGETS)))
+    common = dict(epochs=TRAIN_EPOCHS, patience=PATIENCE, lr=1e-2, seed=seed, log=lambda *_: None)
+    torch.manual_seed(seed)
+    rows = equal_count_rows(spec, saved["searches"], train, val, test, work / f"{data_name}-{model_name}-{seed}",
+                            sparsity_of, common, seed, search_lr, steps)
+    return {"data": data_name, "model": model_name, "seed": seed, "equal_count_rows": rows}
 
 
 def published_run(data_name, model_name, work):
@@ -136,6 +197,8 @@ def worker(task):
     try:
         if kind == "published":
             return published_run(data_name, model_name, Path(work))
+        if kind == "equal":
+            return equal_count_run(options.pop("saved"), Path(work), **options)
         return one_run(data_name, model_name, seed, Path(work), **options)
     except Exception as e:  # reported in the results, the other tasks go on
         return {"data": data_name, "model": model_name, "seed": seed, "error": repr(e)}
@@ -155,7 +218,7 @@ def signed(values):
     return f"{mean:+.4f} ± {statistics.stdev(values):.4f}" if len(values) > 1 else f"{mean:+.4f}"
 
 
-def report(results, command, seconds):
+def report(results, command, seconds, equal_count=None):
     runs = [r for r in results if "rows" in r]
     published = [r for r in results if r.get("published")]
     errors = [r for r in results if "error" in r]
@@ -181,29 +244,46 @@ def report(results, command, seconds):
     lines += ["", f"Largest |reached - planned| / planned: {worst:.1%}.", "",
               "### Test AUC at equal budgets", "",
               "Mean ± standard deviation over the seeds. `Δ full`: AUC minus the same seed's full table; "
-              "`ctrl - recipe`: controller minus the recipe's pruning at the same budget, paired by seed "
-              "(the recipe's count is at most the budget, within a few entries of the controller's).", "",
+              "`ctrl - recipe`: controller minus the recipe's pruning at the same budget, paired by seed, at the "
+              "same non-zero count: where the recipe's snapshot holds more than 1% fewer non-zeros than the "
+              "controller's (it passed the budget by a jump, such as 80% at step 2), the controller searched to "
+              "the recipe's own count instead, planned where the default plan passes that count, and retrained "
+              "(marked †; the seeds where the counts were within 1% pair with the controller's row).", "",
               "| data | model | budget | full AUC | controller AUC | Δ full | recipe AUC | Δ full | ctrl - recipe | "
-              "magnitude AUC | Δ full | ctrl - magnitude | recipe step | seeds |",
+              "magnitude AUC | Δ full | ctrl - magnitude | recipe: non-zeros at step | seeds |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (data, model), rs in groups.items():
         full = {r["seed"]: next(x for x in r["rows"] if x["method"] == "full")["auc"] for r in rs}
         lines.append(f"| {data} | {model} | full table | {spread(list(full.values()))} | | | | | | | | | | {len(rs)} |")
         for budget in BUDGETS:
             per = {m: {r["seed"]: x for r in rs for x in r["rows"] if x["method"] == m and x["target"] == budget}
-                   for m in ("controller", "recipe", "magnitude")}
+                   for m in ("controller", "recipe", "magnitude", EQUAL)}
             cells = []
             for m in ("controller", "recipe", "magnitude"):
                 aucs = [x["auc"] for x in per[m].values()]
                 cells += [spread(aucs), signed([x["auc"] - full[s] for s, x in per[m].items()])]
-                if m != "controller":
-                    paired = [per["controller"][s]["auc"] - x["auc"] for s, x in per[m].items() if s in per["controller"]]
-                    cells.append(signed(paired))
+                if m != "controller":  # against the recipe, at its own count where the controller's differs
+                    ctrl = {**per["controller"], **per[EQUAL]} if m == "recipe" else per["controller"]
+                    cells.append(signed([ctrl[s]["auc"] - x["auc"] for s, x in per[m].items() if s in ctrl])
+                                 + (" †" if m == "recipe" and per[EQUAL] else ""))
             steps = [x["step"] for x in per["recipe"].values()]
-            recipe_step = f"{min(steps)}-{max(steps)}" if steps else "not reached"
+            nnz = [x["nnz"] for x in per["recipe"].values()]
+            recipe_at = f"{min(nnz)}-{max(nnz)} at {min(steps)}-{max(steps)}" if steps else "not reached"
             if steps and len(steps) < len(rs):
-                recipe_step += f" ({len(rs) - len(steps)} not reached)"
-            lines.append(f"| {data} | {model} | {budget:.0%} | | {' | '.join(cells)} | {recipe_step} | {len(rs)} |")
+                recipe_at += f" ({len(rs) - len(steps)} not reached)"
+            lines.append(f"| {data} | {model} | {budget:.0%} | | {' | '.join(cells)} | {recipe_at} | {len(rs)} |")
+    equal = sorted(((r, x) for r in runs for x in r["rows"] if x["method"] == EQUAL),
+                   key=lambda rx: (rx[0]["data"], rx[0]["model"], rx[1]["target"], rx[0]["seed"]))
+    if equal:
+        lines += ["", "#### The controller at the recipe's count (†)", "",
+                  "| data | model | budget | seed | recipe non-zeros | controller non-zeros | planned step | reached step "
+                  "| AUC | Δ full | ctrl - recipe |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r, x in equal:
+            full = next(y for y in r["rows"] if y["method"] == "full")["auc"]
+            recipe = next(y for y in r["rows"] if y["method"] == "recipe" and y["target"] == x["target"])
+            lines.append(f"| {r['data']} | {r['model']} | {x['target']:.0%} | {r['seed']} | {recipe['nnz']} | {x['nnz']} | "
+                         f"{x['planned_step']} | {x['step']} | {x['auc']:.4f} | {x['auc'] - full:+.4f} | "
+                         f"{x['auc'] - recipe['auc']:+.4f} |")
     lines += ["", "### Search steps", "",
               "| data | model | controller: steps to 95% | recipe (-4, 1e-2): steps to 90% / 95% | "
               "controller search s | recipe search s |", "|---|---|---|---|---|---|"]
@@ -224,10 +304,32 @@ def report(results, command, seconds):
     for e in errors:
         lines.append(f"\nFAILED: {e['data']} {e['model']} seed {e['seed']}: {e['error']}")
     lines.append(f"\nCommand: `{command}`; {seconds:.0f} s.")
+    if equal_count:
+        lines.append(f"\nRows marked †, added to that run's results by `{equal_count['command']}`; "
+                     f"{equal_count['seconds']:.0f} s.")
     return "\n".join(lines)
 
 
-def main(argv=None):
+def add_equal_counts(raw, args, command, start):
+    saved = json.loads(raw.read_text())
+    runs = {(r["data"], r["model"], r["seed"]): r for r in saved["results"] if "searches" in r}
+    made = build_parser().parse_args(shlex.split(saved["command"])[2:])  # the saved run's settings
+    options = dict(search_lr=made.search_lr, steps=made.steps, threshold_mode=made.threshold_mode)
+    with tempfile.TemporaryDirectory() as work, multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
+        tasks = [("equal", *key, work, dict(options, saved=run)) for key, run in runs.items()
+                 if not any(x["method"] == EQUAL for x in run["rows"])]
+        for result in pool.imap_unordered(worker, sorted(tasks, key=lambda t: t[2] == "autoint")):
+            log(f"{result['data']} {result['model']} seed {result['seed']}: "
+                f"{'error ' + result['error'] if 'error' in result else 'done'}, {time.perf_counter() - start:.0f} s")
+            if "error" not in result:
+                runs[result["data"], result["model"], result["seed"]]["rows"] += result["equal_count_rows"]
+            saved["equal_count"] = {"command": command, "seconds": time.perf_counter() - start}
+            raw.write_text(json.dumps(saved))
+    args.out.write_text(report(saved["results"], saved["command"], saved["seconds"], saved.get("equal_count")) + "\n")
+    print(args.out.read_text())
+
+
+def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", nargs="+", default=["ml-100k", "synthetic=50000"])
     parser.add_argument("--models", nargs="+", default=list(MODEL_KWARGS), choices=list(MODEL_KWARGS))
@@ -240,15 +342,24 @@ def main(argv=None):
     parser.add_argument("--threshold-mode", default="feature_dim", help="PEP's threshold granularity (PEP_SPEC 1)")
     parser.add_argument("--no-published", action="store_true", help="skip the long published-recipe run")
     parser.add_argument("--report-only", action="store_true", help="rewrite the markdown from the .json")
+    parser.add_argument("--equal-count", action="store_true",
+                        help="add the equal-count controller rows to the runs in the .json (made without them)")
     parser.add_argument("--out", type=Path, default=Path("budget_results.md"))
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     raw = args.out.with_suffix(".json")
     command = "python scripts/budget_results.py " + " ".join(argv if argv is not None else sys.argv[1:])
     if args.report_only:
         saved = json.loads(raw.read_text())
-        args.out.write_text(report(saved["results"], saved["command"], saved["seconds"]) + "\n")
+        args.out.write_text(report(saved["results"], saved["command"], saved["seconds"], saved.get("equal_count")) + "\n")
         return
     start = time.perf_counter()
+    if args.equal_count:
+        add_equal_counts(raw, args, command, start)
+        return
     with tempfile.TemporaryDirectory() as work:
         tasks = [] if args.no_published else [("published", args.data[0], "fm", 0, work, None)]
         # AutoInt (ten times slower per step) last, so that a cut run has the other models whole
