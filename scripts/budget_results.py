@@ -151,7 +151,7 @@ def equal_count_rows(spec, searches, train, val, test, work, sparsity_of, common
     return rows
 
 
-def equal_count_run(saved, work, search_lr, steps, threshold_mode):
+def equal_count_run(saved, work, search_lr, steps, threshold_mode, train_epochs):
     """`equal_count_rows` for a run saved by an earlier version of this script (its other rows
     are deterministic: they would come out the same)."""
     from pep_kernels.cli import load_data
@@ -165,7 +165,7 @@ def equal_count_run(saved, work, search_lr, steps, threshold_mode):
     spec = RunSpec(model_name, data.field_dims, 16, model_kwargs=MODEL_KWARGS[model_name], threshold_init=-15.0,
                    threshold_mode=threshold_mode)
     sparsity_of = dict(zip(budget_counts(BUDGETS, sum(data.field_dims) * 16), sorted(BUDGETS)))
-    common = dict(epochs=TRAIN_EPOCHS, patience=PATIENCE, lr=1e-2, seed=seed, log=lambda *_: None)
+    common = dict(epochs=train_epochs, patience=PATIENCE, lr=1e-2, seed=seed, log=lambda *_: None)
     torch.manual_seed(seed)
     rows = equal_count_rows(spec, saved["searches"], train, val, test, work / f"{data_name}-{model_name}-{seed}",
                             sparsity_of, common, seed, search_lr, steps)
@@ -314,7 +314,8 @@ def add_equal_counts(raw, args, command, start):
     saved = json.loads(raw.read_text())
     runs = {(r["data"], r["model"], r["seed"]): r for r in saved["results"] if "searches" in r}
     made = build_parser().parse_args(shlex.split(saved["command"])[2:])  # the saved run's settings
-    options = dict(search_lr=made.search_lr, steps=made.steps, threshold_mode=made.threshold_mode)
+    options = dict(search_lr=made.search_lr, steps=made.steps, threshold_mode=made.threshold_mode,
+                   train_epochs=made.train_epochs)
     with tempfile.TemporaryDirectory() as work, multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
         tasks = [("equal", *key, work, dict(options, saved=run)) for key, run in runs.items()
                  if not any(x["method"] == EQUAL for x in run["rows"])]
