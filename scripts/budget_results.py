@@ -62,30 +62,41 @@ def log(message):
     print(message, file=sys.stderr, flush=True)
 
 
-def one_run(data_name, model_name, seed, work, train_epochs=TRAIN_EPOCHS, search_lr=SEARCH_LR, steps=STEPS,
-            threshold_mode="feature_dim"):
+def setting(data_name, model_name, seed, train_epochs, threshold_mode):
+    """The data, the seed's (train, val, test) split, the controller's run spec, the budgets'
+    count -> sparsity map and the options of every retrain."""
     from pep_kernels.cli import load_data
     from pep_kernels.data import split
+    from pep_kernels.train import budget_counts
+    from pep_kernels.train.spec import RunSpec
+
+    data = load_data(data_name, seed=0)  # one synthetic task for every seed; the split varies
+    splits = tuple((p.x, p.y) for p in split(data, seed))
+    spec = RunSpec(model_name, data.field_dims, 16, model_kwargs=MODEL_KWARGS[model_name], threshold_init=-15.0,
+                   threshold_mode=threshold_mode)
+    sparsity_of = dict(zip(budget_counts(BUDGETS, sum(data.field_dims) * 16), sorted(BUDGETS)))
+    common = dict(epochs=train_epochs, patience=PATIENCE, lr=1e-2, seed=seed, log=lambda *_: None)
+    return data, splits, spec, sparsity_of, common
+
+
+def one_run(data_name, model_name, seed, work, train_epochs=TRAIN_EPOCHS, search_lr=SEARCH_LR, steps=STEPS,
+            threshold_mode="feature_dim"):
     from pep_kernels.models import FieldEmbedding
-    from pep_kernels.train import budget_counts, evaluate, retrain, search
+    from pep_kernels.train import evaluate, retrain, search
     from pep_kernels.train.loop import fit
     from pep_kernels.train.magnitude import magnitude_ticket
     from pep_kernels.train.spec import RunSpec
 
-    data = load_data(data_name, seed=0)  # one synthetic task for every seed; the split varies
-    train, val, test = ((p.x, p.y) for p in split(data, seed))
+    data, (train, val, test), ctrl_spec, sparsity_of, common = setting(data_name, model_name, seed, train_epochs,
+                                                                       threshold_mode)
     steps_per_epoch = math.ceil(len(train[1]) / 1024)
     kwargs = MODEL_KWARGS[model_name]
-    quiet = lambda *_: None  # noqa: E731
-    common = dict(epochs=train_epochs, patience=PATIENCE, lr=1e-2, seed=seed, log=quiet)
+    quiet = common["log"]
     table_size = sum(data.field_dims) * 16
-    sparsity_of = dict(zip(budget_counts(BUDGETS, table_size), sorted(BUDGETS)))  # count -> sparsity target
     out = {"data": data_name, "model": model_name, "seed": seed, "rows": [], "searches": {}}
     start = time.perf_counter()
 
     torch.manual_seed(seed)
-    ctrl_spec = RunSpec(model_name, data.field_dims, 16, model_kwargs=kwargs, threshold_init=-15.0,
-                        threshold_mode=threshold_mode)
     full = ctrl_spec.build(FieldEmbedding(data.field_dims, 16))
     initial = copy.deepcopy(full.state_dict())
     best = fit(full, train, val, desc="full", **common)
@@ -154,19 +165,9 @@ def equal_count_rows(spec, searches, train, val, test, work, sparsity_of, common
 def equal_count_run(saved, work, search_lr, steps, threshold_mode, train_epochs):
     """`equal_count_rows` for a run saved by an earlier version of this script (its other rows
     are deterministic: they would come out the same)."""
-    from pep_kernels.cli import load_data
-    from pep_kernels.data import split
-    from pep_kernels.train import budget_counts
-    from pep_kernels.train.spec import RunSpec
-
     data_name, model_name, seed = saved["data"], saved["model"], saved["seed"]
-    data = load_data(data_name, seed=0)
-    train, val, test = ((p.x, p.y) for p in split(data, seed))
-    spec = RunSpec(model_name, data.field_dims, 16, model_kwargs=MODEL_KWARGS[model_name], threshold_init=-15.0,
-                   threshold_mode=threshold_mode)
-    sparsity_of = dict(zip(budget_counts(BUDGETS, sum(data.field_dims) * 16), sorted(BUDGETS)))
-    common = dict(epochs=train_epochs, patience=PATIENCE, lr=1e-2, seed=seed, log=lambda *_: None)
-    torch.manual_seed(seed)
+    _, (train, val, test), spec, sparsity_of, common = setting(data_name, model_name, seed, train_epochs,
+                                                               threshold_mode)
     rows = equal_count_rows(spec, saved["searches"], train, val, test, work / f"{data_name}-{model_name}-{seed}",
                             sparsity_of, common, seed, search_lr, steps)
     return {"data": data_name, "model": model_name, "seed": seed, "equal_count_rows": rows}
