@@ -145,14 +145,13 @@ def equal_count_rows(spec, searches, train, val, test, work, sparsity_of, common
               if r["nnz"] is not None and c["nnz"] is not None and r["nnz"] < (1 - EQUAL_COUNT_SLACK) * c["nnz"]}
     if not counts:
         return []
-    budgets = [t["budget"] for t in searches["controller"]["targets"]]
-    table_size = spec.num_embeddings * spec.embedding_dim
-    plan = dict(zip(sorted(budgets + list(counts), reverse=True),
-                    cubic_planned_steps(sorted(budgets + list(counts), reverse=True), table_size, steps)))
+    # the default plan's crossings, with the recipe's counts among the budgets (from the full table)
+    merged = sorted([t["budget"] for t in searches["controller"]["targets"]] + list(counts), reverse=True)
+    plan = dict(zip(merged, cubic_planned_steps(merged, spec.num_embeddings * spec.embedding_dim, steps)))
+    wanted = sorted(counts, reverse=True)
     run_dir = Path(f"{work}-equal")
-    run = search(spec, *train, run_dir, sorted(counts, reverse=True), seed=seed, log=lambda *_: None, lr=search_lr,
-                 pruning="budget", planned_steps=[plan[c] for c in sorted(counts, reverse=True)],
-                 epochs=math.ceil(1.1 * steps / math.ceil(len(train[1]) / 1024)))
+    run = search(spec, *train, run_dir, wanted, seed=seed, log=common["log"], lr=search_lr, pruning="budget",
+                 planned_steps=[plan[c] for c in wanted], epochs=math.ceil(1.1 * steps / math.ceil(len(train[1]) / 1024)))
     rows = []
     for snap in run["snapshots"][1:]:
         result = retrain(run_dir, snap["path"], train, val, test, **common)
