@@ -45,6 +45,19 @@ def threshold_shape(mode, num_embeddings, embedding_dim, num_fields=None):
     return (num_embeddings if row_source == PER_ROW else num_fields, cols)
 
 
+def initial_thresholds(mode, shape, threshold_init, threshold_slope=0.0, device=None, dtype=None):
+    """The thresholds' start: `threshold_init`, plus `threshold_slope * j` on dimension j where the
+    mode has a threshold per dimension. A positive slope orders the dimensions (lower ones are
+    pruned last in every row), so the kept dimensions line up across rows."""
+    start = torch.full(shape, float(threshold_init), device=device, dtype=dtype)
+    if threshold_slope:
+        if not mode_layout(mode)[1]:
+            raise ValueError(f"threshold_slope {threshold_slope} needs a threshold per dimension (modes "
+                             f"{sorted(m for m, (_, per_dim) in MODES.items() if per_dim)}), not mode {mode!r}")
+        start += float(threshold_slope) * torch.arange(shape[-1], device=device, dtype=start.dtype)
+    return start
+
+
 def check_field_dims(field_dims, num_rows):
     """`field_dims` as a list of ints, if they are positive and sum to the table's rows."""
     field_dims = [int(f) for f in field_dims]

@@ -61,7 +61,7 @@ def cmd_search(args):
 
     field_dims, ((x, y), _, _) = _splits(args)
     spec = RunSpec(args.model, field_dims, args.embedding_dim, threshold_mode=args.threshold_mode,
-                   threshold_init=args.threshold_init)
+                   threshold_init=args.threshold_init, threshold_slope=args.threshold_slope)
     if args.pruning == "faithful" and args.steps is not None:
         raise ValueError("--steps plans the budget pruning; --pruning faithful has no plan")
     summary = search(spec, x, y, args.out, args.budgets, epochs=args.epochs, lr=args.lr,
@@ -177,6 +177,10 @@ def main(argv=None):
     p.add_argument("--embedding-dim", type=int, default=16)
     p.add_argument("--threshold-mode", default="feature_dim")
     p.add_argument("--threshold-init", type=float, default=-15.0)
+    p.add_argument("--threshold-slope", type=float, default=0.0,
+                   help="dimension j's thresholds start at threshold-init + j * slope, so every row prunes its high "
+                        "dimensions first and the kept ones line up across rows (per-dimension modes; 1 with "
+                        "--threshold-init -30 is the recommended setting for FM)")
     p.add_argument("--backend", default="auto", choices=["auto", "triton", "cpu"])
     p.add_argument("--training", default="faithful", choices=["faithful", "fast"],
                    help="table updates: every row every step (the published recipe) or looked-up rows with "
@@ -257,7 +261,7 @@ def _check_options(parser, args):
     if getattr(args, "seed", 0) < 0:
         fail(f"--seed must be >= 0, got {args.seed}")
     numbers = {"lr": (lambda v: v > 0, "> 0"), "weight_decay": (lambda v: v >= 0, ">= 0"),
-               "threshold_init": (lambda v: True, "")}
+               "threshold_init": (lambda v: True, ""), "threshold_slope": (lambda v: True, "")}
     for name, (ok, what) in numbers.items():
         value = getattr(args, name, None)
         if value is not None and not (math.isfinite(value) and ok(value)):

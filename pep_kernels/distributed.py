@@ -82,8 +82,8 @@ except ImportError as error:  # the optional extras
         "pip install --no-deps -r requirements-torchrec.txt") from error
 
 from . import reference
-from ._validation import (PER_FIELD, PER_ROW, check_field_dims, check_gk, check_ids_in_range, mode_layout,
-                          threshold_shape)
+from ._validation import (PER_FIELD, PER_ROW, check_field_dims, check_gk, check_ids_in_range, initial_thresholds,
+                          mode_layout, threshold_shape)
 from .functional import resolve_backend, soft_threshold_embedding
 from .ops.indices import offset_field_ids
 from .ops import optim as optim_ops
@@ -314,13 +314,14 @@ class ShardedPEPEmbedding(_ShardedTable):
     replicated parameter for a torch optimizer. `weight` and `threshold` (full tables, the same on
     every rank; each rank copies its shard) start the table from given values, e.g. a
     `PEPEmbedding`'s; without them each shard is Xavier-uniform over (N, d) from a generator seeded
-    with `seed` and its row offset, and thresholds start at `threshold_init`.
+    with `seed` and its row offset, and thresholds start at `threshold_init` (plus
+    `threshold_slope * j` on dimension j, as in `PEPEmbedding`).
     """
 
     def __init__(
         self, num_embeddings, embedding_dim, *, optimizer, threshold_mode="feature_dim", threshold_init=-15.0,
-        gk=1.0, field_dims=None, sharding="row_wise", table_rank=0, process_group=None, weight=None,
-        threshold=None, seed=0, backend="auto", device=None,
+        threshold_slope=0.0, gk=1.0, field_dims=None, sharding="row_wise", table_rank=0, process_group=None,
+        weight=None, threshold=None, seed=0, backend="auto", device=None,
     ):
         super().__init__()
         row_source, per_dim = mode_layout(threshold_mode)
@@ -339,11 +340,15 @@ class ShardedPEPEmbedding(_ShardedTable):
                 raise ValueError(f"{name} must have shape {shape}, got {tuple(value.shape)}")
         if row_source == PER_ROW:
             self.threshold = None
+            # one row, broadcast to every local row: a full (N, d) start would cost a table per rank
+            start = threshold if threshold is not None else initial_thresholds(
+                threshold_mode, (1, self.threshold_columns), threshold_init, threshold_slope)
         else:
-            start = threshold if threshold is not None else torch.full(expected, float(threshold_init))
+            start = threshold if threshold is not None else initial_thresholds(
+                threshold_mode, expected, threshold_init, threshold_slope)
             self.threshold = nn.Parameter(start.detach().to(device=device, dtype=torch.float32).clone())
             self.threshold.register_post_accumulate_grad_hook(self._average_gradient)
-        self._fill_shards(weight, threshold, threshold_init, seed)
+        self._fill_shards(weight, start if row_source == PER_ROW else None, seed)
 
     def _average_gradient(self, param):
         """The replicated threshold's gradient, averaged over the ranks (as DDP would)."""
@@ -351,7 +356,8 @@ class ShardedPEPEmbedding(_ShardedTable):
         param.grad.div_(self.world_size)
 
     @torch.no_grad()
-    def _fill_shards(self, weight, threshold, threshold_init, seed):
+    def _fill_shards(self, weight, row_thresholds, seed):
+        """Fill the local shards: W rows, then the per-row thresholds (a full table or one row)."""
         d, t = self.embedding_dim, self.threshold_columns
         bound = (6.0 / (self.num_embeddings + d)) ** 0.5  # nn.init.xavier_uniform_ on (N, d)
         for first, rows in self.local_shards():
@@ -363,7 +369,8 @@ class ShardedPEPEmbedding(_ShardedTable):
                 generator = torch.Generator().manual_seed(seed * 1_000_003 + first)
                 rows[:, :d] = torch.empty(count, d).uniform_(-bound, bound, generator=generator).to(rows)
             if t:
-                rows[:, d:d + t] = threshold[first:first + count].to(rows) if threshold is not None else threshold_init
+                rows[:, d:d + t] = (row_thresholds if len(row_thresholds) == 1 else
+                                    row_thresholds[first:first + count]).to(rows)
 
     def forward(self, indices):
         rows, positions = self._lookup(indices)

@@ -5,8 +5,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import reference
-from ._validation import (PER_FIELD, PER_ROW, check_field_dims, check_gk, check_ids_in_range, check_lookup, mode_layout,
-                          threshold_shape)
+from ._validation import (PER_FIELD, PER_ROW, check_field_dims, check_gk, check_ids_in_range, check_lookup,
+                          initial_thresholds, mode_layout, threshold_shape)
 from .functional import resolve_backend, soft_threshold_embedding
 from .ops import optim as optim_ops
 from .ops.indices import offset_field_ids
@@ -77,7 +77,10 @@ class PEPEmbedding(_FieldTable):
     With `field_dims` the input holds per-field local ids of shape `(..., F)` and each field's
     rows follow the previous field's, as in torchfm's FeaturesEmbedding; `num_embeddings` must
     equal `sum(field_dims)`, and the field modes need it. The table is Xavier-uniform over
-    `(N, d)` and every threshold starts at `threshold_init`, as in the reference code.
+    `(N, d)` and every threshold starts at `threshold_init`, as in the reference code;
+    `threshold_slope` adds `threshold_slope * j` to the thresholds of dimension j (modes with a
+    threshold per dimension), so that every row prunes its high dimensions first and the kept ones
+    line up across rows (what a factorization machine's dot products need).
 
     With `optimizer` (a `pep_kernels.optim` rule) the table trains itself: the backward updates
     the looked-up rows of W and of per-row thresholds in place, and their `.grad` stays None
@@ -87,8 +90,8 @@ class PEPEmbedding(_FieldTable):
     """
 
     def __init__(
-        self, num_embeddings, embedding_dim, *, threshold_mode="feature_dim", threshold_init=-15.0, gk=1.0,
-        field_dims=None, sparse=False, deterministic=False, backend="auto", optimizer=None, device=None,
+        self, num_embeddings, embedding_dim, *, threshold_mode="feature_dim", threshold_init=-15.0, threshold_slope=0.0,
+        gk=1.0, field_dims=None, sparse=False, deterministic=False, backend="auto", optimizer=None, device=None,
         dtype=None,
     ):
         super().__init__()
@@ -105,7 +108,8 @@ class PEPEmbedding(_FieldTable):
         self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim, device=device, dtype=dtype))
         num_fields = None if self.field_dims is None else self.field_dims.numel()
         shape = threshold_shape(threshold_mode, num_embeddings, embedding_dim, num_fields)
-        self.threshold = nn.Parameter(torch.full(shape, float(threshold_init), device=device, dtype=dtype))
+        self.threshold = nn.Parameter(initial_thresholds(threshold_mode, shape, threshold_init, threshold_slope,
+                                                         device, dtype))
         nn.init.xavier_uniform_(self.weight)
         self._set_optimizer(optimizer)
 

@@ -9,8 +9,9 @@ docs/RESULTS.md (issues 3 and 6) and the raw results beside it as .json.
 
 Per (data, model, seed), on the seed's 80/10/10 split:
 - full: the full table, Adam lr 1e-2 (coupled L2 1e-5, batch 1024, clipping at 100 throughout).
-- controller: `search(pruning="budget")` with the published threshold_init -15 (where the
-  thresholds' own drift hardly prunes) and search lr `--search-lr`, planned to pass 80/90/95%
+- controller: `search(pruning="budget")` from `--threshold-init` (default the published -15,
+  where the thresholds' own drift hardly prunes; with `--threshold-slope` dimension j starts at
+  init + j * slope) and search lr `--search-lr`, planned to pass 80/90/95%
   sparsity by step `--steps` on a cubic; every snapshot retrained. The defaults (lr 1e-2, 3,000
   steps) are the settings docs/RESULTS.md recommends; lr 1e-3 over 600 steps is the first
   version (scripts/gap_study.py compares them).
@@ -62,7 +63,7 @@ def log(message):
     print(message, file=sys.stderr, flush=True)
 
 
-def setting(data_name, model_name, seed, train_epochs, threshold_mode):
+def setting(data_name, model_name, seed, train_epochs, threshold_mode, threshold_init=-15.0, threshold_slope=0.0):
     """The data, the seed's (train, val, test) split, the controller's run spec, the budgets'
     count -> sparsity map and the options of every retrain."""
     from pep_kernels.cli import load_data
@@ -72,15 +73,15 @@ def setting(data_name, model_name, seed, train_epochs, threshold_mode):
 
     data = load_data(data_name, seed=0)  # one synthetic task for every seed; the split varies
     splits = tuple((p.x, p.y) for p in split(data, seed))
-    spec = RunSpec(model_name, data.field_dims, 16, model_kwargs=MODEL_KWARGS[model_name], threshold_init=-15.0,
-                   threshold_mode=threshold_mode)
+    spec = RunSpec(model_name, data.field_dims, 16, model_kwargs=MODEL_KWARGS[model_name],
+                   threshold_init=threshold_init, threshold_slope=threshold_slope, threshold_mode=threshold_mode)
     sparsity_of = dict(zip(budget_counts(BUDGETS, sum(data.field_dims) * 16), sorted(BUDGETS)))
     common = dict(epochs=train_epochs, patience=PATIENCE, lr=1e-2, seed=seed, log=lambda *_: None)
     return data, splits, spec, sparsity_of, common
 
 
 def one_run(data_name, model_name, seed, work, train_epochs=TRAIN_EPOCHS, search_lr=SEARCH_LR, steps=STEPS,
-            threshold_mode="feature_dim"):
+            threshold_mode="feature_dim", threshold_init=-15.0, threshold_slope=0.0):
     from pep_kernels.models import FieldEmbedding
     from pep_kernels.train import evaluate, retrain, search
     from pep_kernels.train.loop import fit
@@ -88,7 +89,7 @@ def one_run(data_name, model_name, seed, work, train_epochs=TRAIN_EPOCHS, search
     from pep_kernels.train.spec import RunSpec
 
     data, (train, val, test), ctrl_spec, sparsity_of, common = setting(data_name, model_name, seed, train_epochs,
-                                                                       threshold_mode)
+                                                                       threshold_mode, threshold_init, threshold_slope)
     steps_per_epoch = math.ceil(len(train[1]) / 1024)
     kwargs = MODEL_KWARGS[model_name]
     quiet = common["log"]
@@ -161,12 +162,12 @@ def equal_count_rows(spec, searches, train, val, test, work, sparsity_of, common
     return rows
 
 
-def equal_count_run(saved, work, search_lr, steps, threshold_mode, train_epochs):
+def equal_count_run(saved, work, search_lr, steps, threshold_mode, train_epochs, threshold_init, threshold_slope):
     """`equal_count_rows` for a run saved by an earlier version of this script (its other rows
     are deterministic: they would come out the same)."""
     data_name, model_name, seed = saved["data"], saved["model"], saved["seed"]
     _, (train, val, test), spec, sparsity_of, common = setting(data_name, model_name, seed, train_epochs,
-                                                               threshold_mode)
+                                                               threshold_mode, threshold_init, threshold_slope)
     rows = equal_count_rows(spec, saved["searches"], train, val, test, work / f"{data_name}-{model_name}-{seed}",
                             sparsity_of, common, seed, search_lr, steps)
     return {"data": data_name, "model": model_name, "seed": seed, "equal_count_rows": rows}
@@ -315,7 +316,8 @@ def add_equal_counts(raw, args, command, start):
     runs = {(r["data"], r["model"], r["seed"]): r for r in saved["results"] if "searches" in r}
     made = build_parser().parse_args(shlex.split(saved["command"])[2:])  # the saved run's settings
     options = dict(search_lr=made.search_lr, steps=made.steps, threshold_mode=made.threshold_mode,
-                   train_epochs=made.train_epochs)
+                   train_epochs=made.train_epochs, threshold_init=made.threshold_init,
+                   threshold_slope=made.threshold_slope)
     with tempfile.TemporaryDirectory() as work, multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
         tasks = [("equal", *key, work, dict(options, saved=run)) for key, run in runs.items()
                  if not any(x["method"] == EQUAL for x in run["rows"])]
@@ -341,6 +343,9 @@ def build_parser():
     parser.add_argument("--search-lr", type=float, default=SEARCH_LR, help="the controller search's learning rate")
     parser.add_argument("--steps", type=int, default=STEPS, help="the controller search's step budget")
     parser.add_argument("--threshold-mode", default="feature_dim", help="PEP's threshold granularity (PEP_SPEC 1)")
+    parser.add_argument("--threshold-init", type=float, default=-15.0, help="the controller search's threshold_init")
+    parser.add_argument("--threshold-slope", type=float, default=0.0,
+                        help="the controller search's threshold_slope (dimension j starts at init + j * slope)")
     parser.add_argument("--no-published", action="store_true", help="skip the long published-recipe run")
     parser.add_argument("--report-only", action="store_true", help="rewrite the markdown from the .json")
     parser.add_argument("--equal-count", action="store_true",
@@ -366,7 +371,8 @@ def main(argv=None):
         # AutoInt (ten times slower per step) last, so that a cut run has the other models whole
         runs = [(d, m, s) for d in args.data for m in args.models for s in args.seeds]
         options = dict(train_epochs=args.train_epochs, search_lr=args.search_lr, steps=args.steps,
-                       threshold_mode=args.threshold_mode)
+                       threshold_mode=args.threshold_mode, threshold_init=args.threshold_init,
+                       threshold_slope=args.threshold_slope)
         tasks += [("run", d, m, s, work, options) for d, m, s in sorted(
             runs, key=lambda r: (r[1] == "autoint", args.data.index(r[0])))]
         results = []

@@ -9,9 +9,11 @@ scripts/budget_results.py (Adam lr 1e-2, coupled L2 1e-5, at most 15 epochs, pat
   feature keeps the same 1 or 2 dimensions: 93.75% / 87.5% fewer parameters); logistic regression
   (the linear term alone, what a model whose embeddings are all pruned falls back to);
 - PEP: budget-controller searches (threshold_init -15) with three settings of search lr and step
-  budget, each 80/90/95% snapshot retrained (lottery ticket); per mask, the rows that keep at least
-  one entry and, over the test pairs, how many kept dimensions a user row and an item row share
-  (the only dimensions through which an FM interaction of the two can act);
+  budget, and one more at lr 1e-2 over 3,000 steps with the thresholds ordered by dimension
+  (threshold_init -30, threshold_slope 1), each 80/90/95% snapshot retrained (lottery ticket);
+  per mask, the rows that keep at least one entry and, over the test pairs, how many kept
+  dimensions a user row and an item row share (the only dimensions through which an FM
+  interaction of the two can act);
 - aligned columns: the same model with its trained full table's largest columns kept for every
   row (3 columns: 81.25% sparse, under the 80% budget; 1 column: 93.75%), retrained from the
   initial weights: the structure an FM needs, at the same or a smaller count.
@@ -31,7 +33,8 @@ from pathlib import Path
 import torch
 
 BUDGETS = (0.8, 0.9, 0.95)
-SEARCHES = ((1e-3, 600), (3e-3, 3000), (1e-2, 3000))  # (search lr, step budget); the first is docs/RESULTS.md's
+# (search lr, step budget, threshold_init, threshold_slope); the first is the controller's first version
+SEARCHES = ((1e-3, 600, -15.0, 0.0), (3e-3, 3000, -15.0, 0.0), (1e-2, 3000, -15.0, 0.0), (1e-2, 3000, -30.0, 1.0))
 MODEL_KWARGS = {"fm": {}, "deepfm": {"mlp_dims": (100, 100)}}
 TRAIN = dict(epochs=15, patience=2, lr=1e-2)
 
@@ -85,18 +88,19 @@ def one_run(model_name, seed, work):
             sparsity=1 - columns / 16, shared=shared_dims(keep, test[0], data.field_dims).mean().item())
 
     steps_per_epoch = math.ceil(len(train[1]) / 1024)
-    for lr, steps in SEARCHES:
+    for lr, steps, threshold_init, slope in SEARCHES:
         torch.manual_seed(seed)
-        pep_spec = RunSpec(model_name, data.field_dims, 16, model_kwargs=kwargs, threshold_init=-15.0)
-        run_dir = work / f"{model_name}-{seed}-{lr}-{steps}"
+        pep_spec = RunSpec(model_name, data.field_dims, 16, model_kwargs=kwargs, threshold_init=threshold_init,
+                           threshold_slope=slope)
+        run_dir = work / f"{model_name}-{seed}-{lr}-{steps}-{slope}"
         run = search(pep_spec, *train, run_dir, BUDGETS, lr=lr, pruning="budget", steps=steps,
                      epochs=math.ceil(steps / steps_per_epoch) + 2, seed=seed, log=quiet)
         for target, snap in zip(BUDGETS, run["snapshots"][1:]):
             keep = load(run_dir / snap["path"])[0]["weight"] != 0
             result = retrain(run_dir, snap["path"], train, val, test, seed=seed, log=quiet, **TRAIN)
             shared = shared_dims(keep, test[0], data.field_dims)
-            row(f"PEP lr {lr:g}, {steps} steps", result["test_auc"], target=target, step=snap["step"],
-                rows_kept=keep.any(1).float().mean().item(), shared=shared.mean().item(),
+            row(f"PEP lr {lr:g}, {steps} steps{f', slope {slope:g}' if slope else ''}", result["test_auc"],
+                target=target, step=snap["step"], rows_kept=keep.any(1).float().mean().item(), shared=shared.mean().item(),
                 pairs_sharing=(shared > 0).float().mean().item())
     return out
 

@@ -13,7 +13,8 @@ DATA = ["--data", "synthetic=3000"]
 def test_search_retrain_evaluate(tmp_path, capsys):
     run = tmp_path / "run"
     main(["search", *DATA, "--out", str(run), "--budgets", "0.5", "0.7", "--epochs", "3", "--lr", "0.01",
-          "--threshold-init", "-3", "--embedding-dim", "8", "--training", "fast", "--count-every", "2"])
+          "--threshold-init", "-6", "--threshold-slope", "0.5", "--embedding-dim", "8", "--training", "fast",
+          "--count-every", "2"])
     out = capsys.readouterr().out
     assert "step       0" in out and "sparsity" in out
     assert (run / "search.json").exists() and (run / "initial.safetensors").exists()
@@ -85,6 +86,9 @@ def cli_errors(tmp_path):
         (search + ["--lr", "nan"], "--lr must be a finite number > 0, got nan"),
         (search + ["--weight-decay", "-1"], "--weight-decay must be a finite number >= 0, got -1.0"),
         (search + ["--threshold-init", "inf"], "--threshold-init must be a finite number, got inf"),
+        (search + ["--threshold-slope", "nan"], "--threshold-slope must be a finite number, got nan"),
+        (search + ["--threshold-mode", "feature", "--threshold-slope", "1"],
+         "threshold_slope 1.0 needs a threshold per dimension"),
         (search + ["--seed", "-1"], "--seed must be >= 0, got -1"),
         (search + ["--device", "tpu"], "--device must be cpu or cuda[:N], got 'tpu'"),
         (search + ["--device", "cuda:0"] if not torch.cuda.is_available() else search + ["--device", "xla"],

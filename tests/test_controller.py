@@ -94,6 +94,25 @@ def test_budget_search_passes_each_budget_on_schedule(tmp_path, data):
     assert gks[0] == 1.0 and max(gks) > 1.0  # the controller, not the drift, did the pruning
 
 
+def test_threshold_slope_prunes_high_dimensions_first_on_schedule(tmp_path, data):
+    """With thresholds rising e^1 per dimension the controller still holds the plan, and the rows
+    keep their low dimensions: the kept entries line up across rows, as they do not without it."""
+    from pep_kernels.train import checkpoint
+
+    def kept_per_dim(summary, run_dir):
+        table, _ = checkpoint.load(run_dir / summary["snapshots"][-1]["path"])
+        return (table["weight"] != 0).sum(0)
+
+    sloped = RunSpec("fm", FIELD_DIMS, 8, threshold_init=-12.0, threshold_slope=1.0)
+    summary = search(sloped, *data, tmp_path / "sloped", BUDGETS, **SEARCH)
+    assert not summary["unreached"]
+    for target in summary["targets"]:  # the tolerance of the other modes on this short plan
+        assert abs(target["reached_step"] - target["planned_step"]) <= max(4, 0.15 * target["planned_step"]), summary
+    plain = search(spec(init=-8.0), *data, tmp_path / "plain", BUDGETS, **SEARCH)
+    kept, kept_plain = kept_per_dim(summary, tmp_path / "sloped"), kept_per_dim(plain, tmp_path / "plain")
+    assert kept[:2].sum() > 0.8 * kept.sum() and kept_plain[:2].sum() < 0.5 * kept_plain.sum(), (kept, kept_plain)
+
+
 def test_faithful_pruning_keeps_gk(tmp_path, data):
     summary = search(spec(init=-3.0), *data, tmp_path, BUDGETS, **dict(SEARCH, lr=1e-2, steps=None,
                                                                          pruning="faithful"))

@@ -105,11 +105,11 @@ def _single(mode, with_fields, weight, threshold, optimizer=None):
     return emb
 
 
-def _sharded(mode, with_fields, weight, threshold, optimizer, sharding):
+def _sharded(mode, with_fields, weight, threshold, optimizer, sharding, **init):
     from pep_kernels.distributed import ShardedPEPEmbedding
     return ShardedPEPEmbedding(sum(FIELD_DIMS), DIM, optimizer=optimizer, threshold_mode=mode,
                                field_dims=FIELD_DIMS if with_fields else None, sharding=sharding,
-                               weight=weight, threshold=threshold)
+                               weight=weight, threshold=threshold, **init)
 
 
 def _check_step(rank, mode, with_fields, sharding):
@@ -132,6 +132,15 @@ def _check_step(rank, mode, with_fields, sharding):
     else:  # replicated: its gradient, averaged over the ranks
         torch.testing.assert_close(sharded.threshold.grad, single.threshold.grad, rtol=1e-5, atol=1e-9)
     assert single.weight.grad.abs().sum() > 0 and single.threshold.grad.abs().sum() > 0
+
+
+def _check_initial_thresholds(mode, sharding):
+    """Without given thresholds each rank starts its shards as `PEPEmbedding` would."""
+    sharded = _sharded(mode, True, None, None, SGD(lr=1.0), sharding, threshold_init=-3.0, threshold_slope=0.5)
+    expected = PEPEmbedding(sum(FIELD_DIMS), DIM, threshold_mode=mode, threshold_init=-3.0, threshold_slope=0.5,
+                            field_dims=FIELD_DIMS).threshold.detach()
+    got = sharded.full_threshold() if sharded.threshold is None else sharded.threshold.detach()
+    assert torch.equal(got, expected) and got[..., -1].max() == -3.0 + 0.5 * (DIM - 1)
 
 
 def _snapshots(history, budgets):
@@ -241,6 +250,8 @@ def _worker(rank, port, plans, adam_plans):
                 _check_step(rank, mode, with_fields, sharding)
                 _check_training(rank, mode, with_fields, optimizer, sharding)
             _check_retrain(rank, sharding)
+            for mode in ("feature_dim", "dimension"):  # per-row and replicated thresholds
+                _check_initial_thresholds(mode, sharding)
         for sharding, cases in adam_plans:
             for mode, with_fields, optimizer in cases:
                 _check_training(rank, mode, with_fields, optimizer, sharding)

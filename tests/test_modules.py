@@ -26,6 +26,23 @@ def test_parameters_follow_the_reference_init(mode):
     assert "12, 6, threshold_mode=" + repr(mode) in repr(emb) and "fields=3" in repr(emb)
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_threshold_slope_orders_the_dimensions(mode):
+    """Dimension j starts at init + j * slope where the mode has a threshold per dimension; the
+    other modes refuse a slope, naming it."""
+    kwargs = dict(threshold_mode=mode, threshold_init=-7.5, field_dims=FIELD_DIMS)
+    if not mode.endswith("dimension") and not mode.endswith("_dim"):
+        with pytest.raises(ValueError, match=f"threshold_slope 0.5 needs a threshold per dimension.*not mode '{mode}'"):
+            PEPEmbedding(12, 6, threshold_slope=0.5, **kwargs)
+        return
+    torch.manual_seed(0)
+    sloped = PEPEmbedding(12, 6, threshold_slope=0.5, **kwargs)
+    expected = (-7.5 + 0.5 * torch.arange(6.0)).expand(threshold_shape(mode, 12, 6, 3))
+    assert torch.equal(sloped.threshold.detach(), expected)
+    torch.manual_seed(0)
+    assert torch.equal(sloped.weight, PEPEmbedding(12, 6, **kwargs).weight)  # the same draws for W
+
+
 @pytest.mark.parametrize("backend", ["reference"] + KERNEL_BACKENDS)
 @pytest.mark.parametrize("mode", MODES)
 def test_field_offsets_and_counting(backend, mode):

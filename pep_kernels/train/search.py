@@ -142,7 +142,7 @@ def search(spec, x, y, out_dir, budgets, *, epochs=10, lr=1e-3, weight_decay=1e-
     ckpt_path = out_dir / "checkpoint.safetensors"
     if ckpt_path.exists():
         tensors, meta = checkpoint.load(ckpt_path)
-        if meta["spec"] != spec.to_dict() or meta["seed"] != seed or meta.get("training") != training:
+        if RunSpec.from_dict(meta["spec"]) != spec or meta["seed"] != seed or meta.get("training") != training:
             raise ValueError(f"{ckpt_path} belongs to another run (spec, seed or training differ); use a new folder")
         model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
         checkpoint.load_optimizer(optimizer, tensors)

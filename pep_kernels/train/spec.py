@@ -14,6 +14,7 @@ class RunSpec:
     model_kwargs: dict = field(default_factory=dict)
     threshold_mode: str = "feature_dim"
     threshold_init: float = -15.0
+    threshold_slope: float = 0.0
     gk: float = 1.0
 
     @property
@@ -22,8 +23,8 @@ class RunSpec:
 
     def pep_embedding(self, backend="auto", optimizer=None):
         return PEPEmbedding(self.num_embeddings, self.embedding_dim, threshold_mode=self.threshold_mode,
-                            threshold_init=self.threshold_init, gk=self.gk, field_dims=self.field_dims, backend=backend,
-                            optimizer=optimizer)
+                            threshold_init=self.threshold_init, threshold_slope=self.threshold_slope, gk=self.gk,
+                            field_dims=self.field_dims, backend=backend, optimizer=optimizer)
 
     def build(self, embedding):
         try:
@@ -60,6 +61,7 @@ class RunSpec:
             "model_kwargs": (lambda v: isinstance(v, dict), "a JSON object"),
             "threshold_mode": (lambda v: isinstance(v, str), "a mode name"),
             "threshold_init": (number, "a number"),
+            "threshold_slope": (number, "a number"),
             "gk": (number, "a number"),
         }
         for name, value in d.items():
