@@ -100,8 +100,8 @@ def one_run(model_name, seed, work):
             result = retrain(run_dir, snap["path"], train, val, test, seed=seed, log=quiet, **TRAIN)
             shared = shared_dims(keep, test[0], data.field_dims)
             row(f"PEP lr {lr:g}, {steps} steps{f', slope {slope:g}' if slope else ''}", result["test_auc"],
-                target=target, step=snap["step"], rows_kept=keep.any(1).float().mean().item(), shared=shared.mean().item(),
-                pairs_sharing=(shared > 0).float().mean().item())
+                target=target, step=snap["step"], rows_kept=keep.any(1).float().mean().item(),
+                shared=shared.mean().item(), pairs_sharing=(shared > 0).float().mean().item())
     return out
 
 
