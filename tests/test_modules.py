@@ -9,6 +9,7 @@ from torch import nn
 from conftest import KERNEL_BACKENDS, backend_device
 from helpers import MODES
 from pep_kernels import PEPEmbedding, reference, soft_threshold_embedding, threshold_shape
+from pep_kernels._validation import mode_layout
 
 FIELD_DIMS = [3, 5, 4]
 
@@ -31,7 +32,7 @@ def test_threshold_slope_orders_the_dimensions(mode):
     """Dimension j starts at init + j * slope where the mode has a threshold per dimension; the
     other modes refuse a slope, naming it."""
     kwargs = dict(threshold_mode=mode, threshold_init=-7.5, field_dims=FIELD_DIMS)
-    if not mode.endswith("dimension") and not mode.endswith("_dim"):
+    if not mode_layout(mode)[1]:  # no threshold per dimension
         with pytest.raises(ValueError, match=f"threshold_slope 0.5 needs a threshold per dimension.*not mode '{mode}'"):
             PEPEmbedding(12, 6, threshold_slope=0.5, **kwargs)
         return
