@@ -11,7 +11,7 @@ Adam (`fast` and `faithful`) against the eager reference with torch's Adam on de
 (the published recipe) and torch.compile of its forward and loss; each call takes the next of
 16 id batches, so that `fast` pays its replays as in training.
 
-    python benchmarks/bench_gpu.py [--out results.md] [--shapes wide criteo] [--smoke]
+    python benchmarks/bench_gpu.py {lookup,step} [--out results.md] [--shapes wide criteo] [--smoke]
 """
 
 import argparse
@@ -136,25 +136,15 @@ def train_step_case(shape, device, backend, time_ms):
     return {name: time_ms(step) for name, step in steps.items()}
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, help="also write the markdown table here")
-    parser.add_argument("--shapes", nargs="+", default=["wide", "criteo"], choices=sorted(SHAPES))
-    parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU backend: checks the script only")
-    args = parser.parse_args(argv)
-    device = "cpu" if args.smoke else "cuda"
-    backend = "cpu" if args.smoke else "triton"
-    time_ms = timer(device)
-    cases = [(SHAPES[s], "feature_dim", torch.float32) for s in args.shapes]
-    if "wide" in args.shapes:
+def lookup_table(shapes, device, backend, time_ms, smoke):
+    cases = [(SHAPES[s], "feature_dim", torch.float32) for s in shapes]
+    if "wide" in shapes:
         cases.append((SHAPES["wide"], "feature_dim", torch.bfloat16))
-    if "criteo" in args.shapes:
+    if "criteo" in shapes:
         cases += [(SHAPES["criteo"], "feature", torch.float32), (SHAPES["criteo"], "global", torch.float32)]
-    if args.smoke:
+    if smoke:
         cases = [(Shape(s.name, 1000, s.dim, 16, 4), m, torch.float32) for s, m, dt in cases if dt == torch.float32]
     lines = [
-        f"GPU: {torch.cuda.get_device_name() if device == 'cuda' else 'cpu (smoke)'}, torch {torch.__version__}",
-        "",
         "| shape | mode | dtype | pass | pep ms | GB/s | % of 4.8 TB/s | reference ms (x) | compiled ref ms (x) | floor ms (x) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -169,15 +159,34 @@ def main(argv=None):
                 f"{ratio('compiled reference')} | {ratio('floor')} |"
             )
             print(lines[-1], flush=True)
-    lines += ["", "Training step of the table (forward, backward, Adam with coupled L2 1e-5), feature_dim:", "",
-              "| shape | pep fast ms | pep faithful ms (x) | eager ms (x) | compiled eager ms (x) |", "|---|---|---|---|---|"]
-    for name in args.shapes:
-        shape = SHAPES[name] if not args.smoke else Shape(name, 1000, SHAPES[name].dim, 16, 4)
+    return lines
+
+
+def step_table(shapes, device, backend, time_ms, smoke):
+    lines = ["Training step of the table (forward, backward, Adam with coupled L2 1e-5), feature_dim:", "",
+             "| shape | pep fast ms | pep faithful ms (x) | eager ms (x) | compiled eager ms (x) |", "|---|---|---|---|---|"]
+    for name in shapes:
+        shape = Shape(name, 1000, SHAPES[name].dim, 16, 4) if smoke else SHAPES[name]
         r = train_step_case(shape, device, backend, time_ms)
         ratio = lambda key: f"{r[key]:.3f} ({r[key] / r['pep fast']:.2f}x)"  # noqa: E731
         lines.append(f"| {name} | {r['pep fast']:.3f} | {ratio('pep faithful')} | {ratio('eager')} | "
                      f"{ratio('compiled eager')} |")
         print(lines[-1], flush=True)
+    return lines
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("part", choices=["lookup", "step"], help="the lookup alone, or a training step of the table")
+    parser.add_argument("--out", type=Path, help="also write the markdown table here")
+    parser.add_argument("--shapes", nargs="+", default=["wide", "criteo"], choices=sorted(SHAPES))
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU backend: checks the script only")
+    args = parser.parse_args(argv)
+    device = "cpu" if args.smoke else "cuda"
+    backend = "cpu" if args.smoke else "triton"
+    table = {"lookup": lookup_table, "step": step_table}[args.part]
+    lines = [f"GPU: {torch.cuda.get_device_name() if device == 'cuda' else 'cpu (smoke)'}, torch {torch.__version__}", ""]
+    lines += table(args.shapes, device, backend, timer(device), args.smoke)
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
