@@ -11,11 +11,12 @@ Adam (`fast` and `faithful`) against the eager reference with torch's Adam on de
 (the published recipe) and torch.compile of its forward and loss; each call takes the next of
 16 id batches, so that `fast` pays its replays as in training.
 
-    python benchmarks/bench_gpu.py {lookup,step} [--out results.md] [--shapes wide criteo] [--smoke]
+    python benchmarks/bench_gpu.py {lookup,step,profile} [--out results.md] [--shapes wide criteo] [--smoke]
 """
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -68,7 +69,6 @@ def timer(device):
             return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
         return cuda_ms
-    import time
 
     def cpu_ms(fn):
         fn()
@@ -98,8 +98,8 @@ def run_case(shape, mode, dtype, training, device, backend, time_ms):
     return results
 
 
-def train_step_case(shape, device, backend, time_ms):
-    """ms per training step of the table: pep fast, pep faithful, eager, compiled eager."""
+def train_steps(shape, device, backend):
+    """One training step of the table each: pep fast, pep faithful, eager, compiled eager."""
     _, weight, threshold, gk = make_inputs(shape, "feature_dim", device=device)
     gen = torch.Generator().manual_seed(1)
     batches = [torch.randint(0, shape.rows, (shape.batch, shape.fields), generator=gen).to(device) for _ in range(16)]
@@ -131,9 +131,13 @@ def train_step_case(shape, device, backend, time_ms):
             adam.step()
         return step
 
-    steps = {"pep fast": pep_step("fast"), "pep faithful": pep_step("faithful"), "eager": eager_step(False),
-             "compiled eager": eager_step(True)}
-    return {name: time_ms(step) for name, step in steps.items()}
+    return {"pep fast": pep_step("fast"), "pep faithful": pep_step("faithful"), "eager": eager_step(False),
+            "compiled eager": eager_step(True)}
+
+
+def train_step_case(shape, device, backend, time_ms):
+    """ms per training step of the table: pep fast, pep faithful, eager, compiled eager."""
+    return {name: time_ms(step) for name, step in train_steps(shape, device, backend).items()}
 
 
 def lookup_table(shapes, device, backend, time_ms, smoke):
@@ -175,16 +179,55 @@ def step_table(shapes, device, backend, time_ms, smoke):
     return lines
 
 
+def profile_table(shapes, device, backend, time_ms, smoke, steps=5):
+    """Where a pep step's time goes (torch.profiler over `steps` steps after a warm-up): host
+    time, kernel time, launches and host syncs per step, and the ops that take the most."""
+    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    lines = ["| shape | step | wall ms/step (profiled) | kernel ms/step | kernels/step | syncs and copies/step |",
+             "|---|---|---|---|---|---|"]
+    tables = []
+    for name in shapes:
+        shape = Shape(name, 1000, SHAPES[name].dim, 16, 4) if smoke else SHAPES[name]
+        candidates = train_steps(shape, device, backend)
+        for label in ("pep fast", "pep faithful"):
+            step = candidates[label]
+            for _ in range(3):
+                step()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            with profile(activities=activities) as prof:
+                start = time.perf_counter()
+                for _ in range(steps):
+                    step()
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                wall_ms = (time.perf_counter() - start) * 1e3 / steps
+            events = prof.key_averages()
+            kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+            kernel_ms = sum(e.self_device_time_total for e in kernels) / 1e3 / steps
+            launches = sum(e.count for e in kernels) / steps
+            syncs = sum(e.count for e in events if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize",
+                                                               "cudaMemcpyAsync", "cudaMemcpy")) / steps
+            lines.append(f"| {name} | {label} | {wall_ms:.3f} | {kernel_ms:.3f} | {launches:.0f} | {syncs:.0f} |")
+            print(lines[-1], flush=True)
+            sort = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+            tables += ["", f"{name}, {label}, {steps} steps:", "", events.table(sort_by=sort, row_limit=25)]
+    return lines + tables
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("part", choices=["lookup", "step"], help="the lookup alone, or a training step of the table")
+    parser.add_argument("part", choices=["lookup", "step", "profile"],
+                        help="the lookup alone, a training step of the table, or where a step's time goes")
     parser.add_argument("--out", type=Path, help="also write the markdown table here")
     parser.add_argument("--shapes", nargs="+", default=["wide", "criteo"], choices=sorted(SHAPES))
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU backend: checks the script only")
     args = parser.parse_args(argv)
     device = "cpu" if args.smoke else "cuda"
     backend = "cpu" if args.smoke else "triton"
-    table = {"lookup": lookup_table, "step": step_table}[args.part]
+    table = {"lookup": lookup_table, "step": step_table, "profile": profile_table}[args.part]
     lines = [f"GPU: {torch.cuda.get_device_name() if device == 'cuda' else 'cpu (smoke)'}, torch {torch.__version__}", ""]
     lines += table(args.shapes, device, backend, timer(device), args.smoke)
     text = "\n".join(lines) + "\n"

@@ -2,8 +2,9 @@
 # The one prepared GPU run (../shared/BENCHMARKING.md): on a CUDA machine with torch, triton and
 # the test tools already installed and no package registry, install pep_kernels without
 # dependencies, then run the GPU checks, most wanted first, each with a time limit inside one
-# overall budget (CHECK_BUDGET_S, default 540 s): the training-step timing on criteo, the CUDA
-# tests, the lookup timings, the training step on the other shapes. Logs and tables go to $OUT
+# overall budget (CHECK_BUDGET_S, default 540 s): a C++ error raised through torch, the
+# training-step timing and profile on criteo, the CUDA tests, the lookup timings, the training
+# step on the other shapes. Logs and tables go to $OUT
 # (default /tmp/pep_gpu_check), one log per stage (the tables are in the benchmark logs); each
 # stage's tail is printed.
 set -uo pipefail
@@ -41,7 +42,26 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 stage install 240 python3 -m pip install -v --no-build-isolation --no-deps -e . ||
   PEP_KERNELS_CUDA=0 stage install_no_cuda_store 200 python3 -m pip install -v --no-build-isolation --no-deps -e . ||
   exit 1
+# A C++ op's error message with a number in it. One image's compiler (/opt/gcc) came with a newer
+# libstdc++ than the one the process loads, and formatting the number crashed (SIGSEGV); the
+# compiler's own libstdc++, preloaded, is the one the extension was built against.
+cxx_error='import torch, pep_kernels
+try:
+    torch.ops.pep_kernels.row_optimizer_step([torch.zeros(2, 2)] * 3 + [torch.zeros(2, dtype=torch.long)],
+        torch.tensor([0]), torch.zeros(1, 2), torch.zeros(4, 9), "adam", [1e-3, 1e-8, 0.0, 0.9, 0.999], 0)
+except ValueError as error:
+    print("C++ error raised as ValueError:", error)'
+if ! stage cxx_error 30 python3 -c "$cxx_error"; then
+  ${CXX:-c++} --version | head -n 1
+  ldd pep_kernels/_C*.so | grep -E "stdc|gomp|gcc_s"
+  libstdcxx=$(${CXX:-c++} -print-file-name=libstdc++.so.6)
+  if [ -f "$libstdcxx" ] && LD_PRELOAD=$libstdcxx stage cxx_error_preloaded 30 python3 -c "$cxx_error"; then
+    export LD_PRELOAD=$libstdcxx
+    echo "the remaining stages preload $libstdcxx"
+  fi
+fi
 stage step_criteo 100 python3 benchmarks/bench_gpu.py step --shapes criteo
+stage profile 60 python3 benchmarks/bench_gpu.py profile --shapes criteo
 stage tests 180 python3 -m pytest tests -q -p no:cacheprovider -n 8 --maxfail=10 -rfE \
   -k "triton or gpu or registration or modules"
 stage lookup 150 python3 benchmarks/bench_gpu.py lookup --shapes wide criteo

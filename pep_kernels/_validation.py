@@ -119,8 +119,11 @@ def check_ids_in_range(indices, num_embeddings):
     """IndexError naming an offending id (the smallest or largest); one host sync (the price of a clear error)."""
     if indices.numel() == 0:
         return
-    lo, hi = torch.aminmax(indices)
-    lo, hi = int(lo), int(hi)
+    check_id_bounds(*torch.stack(torch.aminmax(indices)).tolist(), num_embeddings)
+
+
+def check_id_bounds(lo, hi, num_embeddings):
+    """IndexError naming `lo` or `hi`, the smallest and largest id, if either is out of range."""
     if lo < 0 or hi >= num_embeddings:
         bad = lo if lo < 0 else hi
         raise IndexError(

@@ -9,7 +9,7 @@ from ._validation import (PER_FIELD, PER_ROW, check_field_dims, check_gk, check_
                           initial_thresholds, mode_layout, threshold_shape)
 from .functional import resolve_backend, soft_threshold_embedding
 from .ops import optim as optim_ops
-from .ops.indices import offset_field_ids
+from .ops.indices import distinct_ids, offset_field_ids
 from .optim import Adam, RowOptimizer
 
 
@@ -122,6 +122,9 @@ class PEPEmbedding(_FieldTable):
         if self.backend == "reference":
             raise ValueError("a fused optimizer needs backend 'auto', 'cpu' or 'triton', not 'reference'")
         self.register_buffer("optimizer_step", torch.zeros((), dtype=torch.int64, device=self.weight.device))
+        # optimizer_step as an int, so that a step reads no GPU scalar; refreshed after a load.
+        self._steps = 0
+        self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "_steps", None))
         for name in self._optimized_parameters():
             param = getattr(self, name)
             for state, shape in optimizer.state_shapes(param).items():
@@ -155,9 +158,16 @@ class PEPEmbedding(_FieldTable):
     def _kernel_backend(self):
         return resolve_backend(self.backend, self.weight.device)
 
-    def _catch_up(self, rows):
-        """Adam `fast`: replays the skipped steps of `rows` (None: every row)."""
-        step = int(self.optimizer_step)
+    def optimizer_steps(self):
+        """How many steps the fused optimizer has taken (the `optimizer_step` buffer)."""
+        if self._steps is None:
+            self._steps = int(self.optimizer_step)
+        return self._steps
+
+    def _catch_up(self, rows, distinct=False):
+        """Adam `fast`: replays the skipped steps of `rows` (None: every row; `distinct`: see
+        `optim_ops.row_optimizer_catch_up`)."""
+        step = self.optimizer_steps()
         if not (isinstance(self.optimizer, Adam) and self.optimizer.mode == "fast") or step == 0:
             return
         schedule = self._adam_schedule(step)
@@ -165,23 +175,24 @@ class PEPEmbedding(_FieldTable):
         state = [t for name in self._optimized_parameters() for t in self._optimizer_state(name)]
         with torch.no_grad():
             optim_ops.row_optimizer_catch_up(state, rows, schedule, self.optimizer.hparams(), step,
-                                             self._kernel_backend())
+                                             self._kernel_backend(), distinct)
 
     def sync(self):
         """Brings every row up to date (a no-op unless the optimizer is `fast` Adam)."""
         if self.optimizer is not None:
             self._catch_up(None)
 
-    def backward_step(self, grad_out, ids, backend):
+    def backward_step(self, grad_out, ids, backend, distinct=None):
         """Called by the fused lookup's backward: one optimizer step on the looked-up rows."""
-        step = int(self.optimizer_step) + 1
+        step = self.optimizer_steps() + 1
         weight_state = self._optimizer_state("weight")
         threshold_state = (self._optimizer_state("threshold") if "threshold" in self._optimized_parameters()
                            else [self.threshold.detach()])
         grad_s = optim_ops.backward_step(
             grad_out, ids, weight_state, threshold_state, self._adam_schedule(step), self.threshold_mode,
-            self.gk, self.optimizer.kind, self.optimizer.hparams(), step, backend)
+            self.gk, self.optimizer.kind, self.optimizer.hparams(), step, backend, distinct)
         self.optimizer_step.fill_(step)
+        self._steps = step
         return grad_s
 
     def forward(self, indices):
@@ -193,8 +204,16 @@ class PEPEmbedding(_FieldTable):
                 sparse=self.sparse, deterministic=self.deterministic, backend=self.backend,
             )
         check_lookup(indices, self.weight, self.threshold, self.threshold_mode, self.gk)
-        self._catch_up(indices.reshape(-1).long())
-        return optim_ops.FusedStepFunction.apply(indices, self.weight, self.threshold, self, self._kernel_backend())
+        backend = self._kernel_backend()
+        ids = indices.reshape(-1)
+        if backend == "triton":
+            # One deduplication (and host sync) per step: the range check, the catch-up and the backward share it.
+            distinct = distinct_ids(ids, self.num_embeddings)
+            self._catch_up(distinct[0], distinct=True)
+        else:
+            distinct = None
+            self._catch_up(ids.long())  # the C++ op checks the ids
+        return optim_ops.FusedStepFunction.apply(indices, self.weight, self.threshold, self, backend, distinct)
 
     def pruned_row_blocks(self, entries=None):
         self.sync()

@@ -98,10 +98,12 @@ def test_kernel_backends_agree_with_reference_module():
     modules = {b: PEPEmbedding(40, 5, threshold_init=-1.0, field_dims=[10, 30], backend=b) for b in ["reference", "cpu", "triton"]}
     for m in modules.values():
         m.load_state_dict(modules["reference"].state_dict())
+    modules["triton"].to(backend_device("triton"))
     ids = torch.randint(0, 10, (6, 2))
-    outs = {b: m(ids) for b, m in modules.items()}
+    outs = {b: m(ids.to(m.weight.device)) for b, m in modules.items()}
     for b in ("cpu", "triton"):
-        torch.testing.assert_close(outs[b], outs["reference"], rtol=1e-6, atol=4e-7)
-        assert torch.equal(soft_threshold_embedding(ids + torch.tensor([0, 10]), modules[b].weight, modules[b].threshold,
-                                                    backend=b), outs[b])
+        torch.testing.assert_close(outs[b].cpu(), outs["reference"], rtol=1e-6, atol=4e-7)
+        device = modules[b].weight.device
+        assert torch.equal(soft_threshold_embedding((ids + torch.tensor([0, 10])).to(device), modules[b].weight,
+                                                    modules[b].threshold, backend=b), outs[b])
     assert torch.equal(modules["cpu"].pruned_weight(), reference.soft_threshold(modules["cpu"].weight, modules["cpu"].threshold))

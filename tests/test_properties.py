@@ -151,7 +151,7 @@ def lookup(backend, ids, weight, threshold, mode, gk, sparse, deterministic, gra
         out = soft_threshold_embedding(ids, w, s, mode=mode, gk=gk, sparse=sparse, deterministic=deterministic,
                                        backend=backend)
     upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed), dtype=torch.float64)
-    gw, gs = torch.autograd.grad(out, (w, s), upstream.to(out.dtype), allow_unused=True)
+    gw, gs = torch.autograd.grad(out, (w, s), upstream.to(out.device, out.dtype), allow_unused=True)
     return out.detach(), gw, gs
 
 

@@ -3,11 +3,12 @@
 A Triton kernel cannot raise, and a device-side assert kills the CUDA context, so ids are
 checked before any kernel reads a row. Each op returns a fresh flat (or offset) copy of the ids
 that the lookup consumes, which keeps the check from being dead-code eliminated.
+`distinct_ids` is the eager check of a table's training step, done once with its deduplication.
 """
 
 import torch
 
-from .._validation import check_ids_in_range
+from .._validation import check_id_bounds, check_ids_in_range
 
 
 @torch.library.custom_op("pep_kernels::checked_ids", mutates_args=())
@@ -49,3 +50,14 @@ def offset_field_ids(local_ids: torch.Tensor, field_dims: torch.Tensor) -> torch
 @offset_field_ids.register_fake
 def _(local_ids, field_dims):
     return torch.empty_like(local_ids)
+
+
+def distinct_ids(ids, num_embeddings):
+    """(rows, inverse) of the 1-D `ids`: their distinct values sorted (int64) and each id's index
+    among them; IndexError if an id is outside [0, num_embeddings). One host sync, torch.unique's
+    own, plus the read of the two ends of `rows`: what a training step of a table on GPU needs
+    for the range check, the catch-up of its rows and the row gradients of its backward."""
+    rows, inverse = torch.unique(ids, return_inverse=True)
+    if rows.numel():
+        check_id_bounds(*torch.stack((rows[0], rows[-1])).tolist(), num_embeddings)
+    return rows.long(), inverse

@@ -61,10 +61,9 @@ _EXACT_BEFORE = tl.constexpr(64)
 _SEGMENT_STEPS = tl.constexpr(256)
 
 
-@functools.lru_cache(maxsize=16)
 def _segment_rows(beta1, beta2):
-    """The rows of `_segment_table`, computed once per betas (every Adam step needs them), in
-    double by repeated multiplication as csrc/optim_cpu.cpp computes them."""
+    """The rows of `_segment_table`, in double by repeated multiplication as csrc/optim_cpu.cpp
+    computes them."""
     rows = [[0.0] * (_SEGMENT_STEPS.value + 1) for _ in range(9)]
     beta1_l, momentum_sum, momentum_moment, beta2_l = 1.0, 0.0, 0.0, [1.0]
     for length in range(1, _SEGMENT_STEPS.value + 1):
@@ -81,12 +80,19 @@ def _segment_rows(beta1, beta2):
     return rows
 
 
-def _segment_table(hparams, device):
+@functools.lru_cache(maxsize=16)
+def _segment_table(beta1, beta2, device):
     """(9, _SEGMENT_STEPS + 1) float32, index L: the SegmentPowers of csrc/optim_rows.h (beta1^L,
     sum_{i=1..L} beta1^i, the momentum's centroid c, beta2^c, 1 - beta2^c, beta2^h and 1 - beta2^h
-    at the midpoint h = (L + 1) / 2, beta2^L, 1 - beta2^L)."""
-    rows = _segment_rows(float(hparams[3]), float(hparams[4]))
+    at the midpoint h = (L + 1) / 2, beta2^L, 1 - beta2^L). Made once per betas and device: a copy
+    to the GPU at every step would cost more than the step's kernels. Only the eager entry points
+    below call this; the ops take the table as an input, so no cached tensor enters a trace."""
+    rows = _segment_rows(beta1, beta2)
     return torch.tensor(rows, dtype=torch.float64).to(device=device, dtype=torch.float32)
+
+
+def _segments(hparams, device):
+    return _segment_table(float(hparams[3]), float(hparams[4]), torch.device(device))
 
 
 @triton.jit
@@ -313,10 +319,11 @@ def _scalars(hparams):
 
 @triton_op("pep_kernels::triton_row_optimizer_step", mutates_args={"state"})
 def triton_row_optimizer_step(
-    state: list[torch.Tensor], rows: torch.Tensor, grads: torch.Tensor, schedule: torch.Tensor, kind: str,
-    hparams: list[float], step: int,
+    state: list[torch.Tensor], rows: torch.Tensor, grads: torch.Tensor, schedule: torch.Tensor,
+    segments: torch.Tensor, kind: str, hparams: list[float], step: int,
 ) -> None:
-    """Applies step `step` to the sorted distinct `rows` (inputs checked by row_optimizer_step)."""
+    """Applies step `step` to the sorted distinct `rows` (inputs checked by row_optimizer_step;
+    `segments` is `_segment_table`, used by kind "adam")."""
     param, state1, state2, last_step = state
     num_rows, cols = param.shape
     n = rows.numel()
@@ -331,9 +338,8 @@ def triton_row_optimizer_step(
             num_rows, cols, sched_len, step, *scalars, BLOCK_R=block_r, BLOCK_D=block_d,
         )
     elif n:
-        table = _segment_table(hparams, param.device) if kind == "adam" else None
         wrap_triton(_apply_rows_kernel)[(triton.cdiv(n, block_r),)](
-            rows, grads, param, state1, state2, last_step, schedule, table,
+            rows, grads, param, state1, state2, last_step, schedule, segments,
             n, cols, sched_len, step, _fp32(hparams[0]), *scalars,
             KIND=_KINDS[kind], BLOCK_R=block_r, BLOCK_D=block_d,
         )
@@ -341,8 +347,8 @@ def triton_row_optimizer_step(
 
 @triton_op("pep_kernels::triton_row_optimizer_catch_up", mutates_args={"state"})
 def triton_row_optimizer_catch_up(
-    state: list[torch.Tensor], rows: torch.Tensor | None, schedule: torch.Tensor, hparams: list[float],
-    to_step: int,
+    state: list[torch.Tensor], rows: torch.Tensor | None, schedule: torch.Tensor, segments: torch.Tensor,
+    hparams: list[float], to_step: int,
 ) -> None:
     """Adam: brings the distinct `rows` (all rows when None) up to step `to_step` (inputs checked
     by row_optimizer_catch_up)."""
@@ -352,7 +358,7 @@ def triton_row_optimizer_catch_up(
     if n:
         block_r, block_d = _tile(cols)
         wrap_triton(_catch_up_kernel)[(triton.cdiv(n, block_r),)](
-            rows, param, exp_avg, exp_avg_sq, last_step, schedule, _segment_table(hparams, param.device),
+            rows, param, exp_avg, exp_avg_sq, last_step, schedule, segments,
             n, cols, schedule.shape[1], to_step, *_scalars(hparams),
             HAS_ROWS=rows is not None, BLOCK_R=block_r, BLOCK_D=block_d,
         )
@@ -445,9 +451,16 @@ def row_optimizer_step(state, rows, grads, schedule, kind, hparams, step):
     if n > 1 and not bool((rows[1:] > rows[:-1]).all()):
         raise ValueError("rows must be sorted and distinct (coalesce the gradient first)")
     _check_state(state, schedule, kind, hparams, step)
-    grads = grads.to(device=param.device, dtype=param.dtype).contiguous()
-    torch.ops.pep_kernels.triton_row_optimizer_step(list(state), rows.contiguous(), grads, schedule, kind,
-                                                    [float(h) for h in hparams], step)
+    apply_rows(state, rows, grads.to(device=param.device, dtype=param.dtype), schedule, kind, hparams, step)
+
+
+def apply_rows(state, rows, grads, schedule, kind, hparams, step):
+    """row_optimizer_step without its checks (and their host syncs), for callers whose rows are
+    distinct, sorted and in range and whose state and hparams are a rule's own: the training
+    step of a table."""
+    segments = _segments(hparams, rows.device) if kind == "adam" else schedule.new_empty(0)
+    torch.ops.pep_kernels.triton_row_optimizer_step(list(state), rows.contiguous(), grads.contiguous(), schedule,
+                                                    segments, kind, [float(h) for h in hparams], step)
 
 
 def row_optimizer_catch_up(state, rows, schedule, hparams, to_step):
@@ -471,6 +484,13 @@ def row_optimizer_catch_up(state, rows, schedule, hparams, to_step):
         rows = torch.unique(rows)
     for k in range(0, len(state), 4):
         _check_state(state[k:k + 4], schedule, "adam", hparams, to_step)
+    catch_up_rows(state, rows, schedule, hparams, to_step)
+
+
+def catch_up_rows(state, rows, schedule, hparams, to_step):
+    """row_optimizer_catch_up without its checks, for distinct in-range `rows` (or None) of
+    parameters whose state is a rule's own, from step 1 on."""
+    segments = _segments(hparams, state[0].device)
     for k in range(0, len(state), 4):
-        torch.ops.pep_kernels.triton_row_optimizer_catch_up(list(state[k:k + 4]), rows, schedule,
+        torch.ops.pep_kernels.triton_row_optimizer_catch_up(list(state[k:k + 4]), rows, schedule, segments,
                                                             [float(h) for h in hparams], to_step)

@@ -266,8 +266,10 @@ def triton_backward_segments(
     return gw, gs, contrib
 
 
-def triton_backward(grad_out, ids, weight, threshold, mode, gk, sparse, deterministic):
-    """(grad_weight, grad_threshold, rows) as the C++ cpu_backward op returns them.
+def triton_backward(grad_out, ids, weight, threshold, mode, gk, sparse, deterministic, distinct=None):
+    """(grad_weight, grad_threshold, rows) as the C++ cpu_backward op returns them; `distinct`,
+    the (rows, inverse) of `ids` if the caller has them (`distinct_ids`), saves their
+    deduplication in a sparse, non-deterministic backward.
 
     The data-dependent steps (sorting, distinct rows) stay outside the Triton ops, so every op
     has static output shapes and traces under fake tensors."""
@@ -286,7 +288,7 @@ def triton_backward(grad_out, ids, weight, threshold, mode, gk, sparse, determin
             rows = seg_rows.to(torch.int64)
     else:
         if sparse:
-            rows, dst = torch.unique(ids, return_inverse=True)
+            rows, dst = torch.unique(ids, return_inverse=True) if distinct is None else distinct
             num_dst = rows.numel()
         else:
             dst, num_dst = ids, weight.shape[0]
