@@ -2,7 +2,7 @@
 # The one prepared GPU run (../shared/BENCHMARKING.md): on a CUDA machine with torch, triton and
 # the test tools already installed and no package registry, install pep_kernels without
 # dependencies, then run the GPU checks, most wanted first, each with a time limit inside one
-# overall budget (CHECK_BUDGET_S, default 540 s): a C++ error raised through torch, the
+# overall budget (CHECK_BUDGET_S, default 460 s): a C++ error raised through torch, the
 # training-step timing and profile on criteo, the CUDA tests, the lookup timings, the training
 # step on the other shapes. Logs and tables go to $OUT
 # (default /tmp/pep_gpu_check), one log per stage (the tables are in the benchmark logs); each
@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 out=${OUT:-/tmp/pep_gpu_check}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
-deadline=$((SECONDS + ${CHECK_BUDGET_S:-540}))
+deadline=$((SECONDS + ${CHECK_BUDGET_S:-460}))
 status=0
 
 # stage NAME MAX_SECONDS COMMAND...: runs COMMAND for at most MAX_SECONDS or what is left of the
