@@ -62,7 +62,8 @@ if ! stage cxx_error 30 python3 -c "$cxx_error"; then
 fi
 stage step_criteo 100 python3 benchmarks/bench_gpu.py step --shapes criteo
 stage profile 60 python3 benchmarks/bench_gpu.py profile --shapes criteo
-stage tests 180 python3 -m pytest tests -q -p no:cacheprovider -n 8 --maxfail=10 -rfE \
+parallel=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")  # pytest-xdist, where installed
+stage tests 180 python3 -m pytest tests -q -p no:cacheprovider $parallel --maxfail=10 -rfE \
   -k "triton or gpu or registration or modules"
 stage lookup 150 python3 benchmarks/bench_gpu.py lookup --shapes wide criteo
 stage step_more 120 python3 benchmarks/bench_gpu.py step --shapes avazu skewed
