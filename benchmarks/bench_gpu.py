@@ -180,18 +180,21 @@ def step_table(shapes, device, backend, time_ms, smoke):
 
 
 def profile_table(shapes, device, backend, time_ms, smoke, steps=5):
-    """Where a pep step's time goes (torch.profiler over `steps` steps after a warm-up): host
-    time, kernel time, launches and host syncs per step, and the ops that take the most."""
+    """Where the time of a pep training step and of a pep lookup (forward, feature_dim) goes:
+    torch.profiler over `steps` calls after a warm-up; wall time, kernel time, launches and host
+    syncs per call, and the ops that take the most."""
     from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-    lines = ["| shape | step | wall ms/step (profiled) | kernel ms/step | kernels/step | syncs and copies/step |",
+    lines = ["| shape | call | wall ms/call (profiled) | kernel ms/call | kernels/call | syncs and copies/call |",
              "|---|---|---|---|---|---|"]
     tables = []
     for name in shapes:
         shape = Shape(name, 1000, SHAPES[name].dim, 16, 4) if smoke else SHAPES[name]
         candidates = train_steps(shape, device, backend)
-        for label in ("pep fast", "pep faithful"):
+        ids, weight, threshold, gk = make_inputs(shape, "feature_dim", device=device)
+        candidates["pep lookup"] = lambda: soft_threshold_embedding(ids, weight, threshold, gk=gk, backend=backend)
+        for label in ("pep fast", "pep faithful", "pep lookup"):
             step = candidates[label]
             for _ in range(3):
                 step()
@@ -220,7 +223,7 @@ def profile_table(shapes, device, backend, time_ms, smoke, steps=5):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("part", choices=["lookup", "step", "profile"],
-                        help="the lookup alone, a training step of the table, or where a step's time goes")
+                        help="the lookup alone, a training step of the table, or where their time goes")
     parser.add_argument("--out", type=Path, help="also write the markdown table here")
     parser.add_argument("--shapes", nargs="+", default=["wide", "criteo"], choices=sorted(SHAPES))
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU backend: checks the script only")

@@ -3,10 +3,10 @@
 # the test tools already installed and no package registry, install pep_kernels without
 # dependencies, then run the GPU checks, most wanted first, each with a time limit inside one
 # overall budget (CHECK_BUDGET_S, default 460 s): a C++ error raised through torch, the
-# training-step timing and profile on criteo, the CUDA tests, the lookup timings, the training
-# step on the other shapes. Logs and tables go to $OUT
-# (default /tmp/pep_gpu_check), one log per stage (the tables are in the benchmark logs); each
-# stage's tail is printed.
+# training-step timing on criteo, profiles of the step and the lookup, the CUDA tests, the lookup
+# timings, the training step on the other shapes. Logs and tables go to $OUT (default
+# /tmp/pep_gpu_check), one log per stage (the tables are in the benchmark logs); each stage's
+# tail is printed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-/tmp/pep_gpu_check}
@@ -61,7 +61,7 @@ if ! stage cxx_error 30 python3 -c "$cxx_error"; then
   fi
 fi
 stage step_criteo 100 python3 benchmarks/bench_gpu.py step --shapes criteo
-stage profile 60 python3 benchmarks/bench_gpu.py profile --shapes criteo
+stage profile 90 python3 benchmarks/bench_gpu.py profile --shapes criteo wide
 parallel=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")  # pytest-xdist, where installed
 stage tests 180 python3 -m pytest tests -q -p no:cacheprovider $parallel --maxfail=10 -rfE \
   -k "triton or gpu or registration or modules"
