@@ -75,6 +75,16 @@ def test_search_resumes_to_the_same_result(tmp_path, data):
         search(spec(), *data[0], tmp_path / "whole", [0.2], **dict(SEARCH, seed=5))
 
 
+def test_search_with_tuple_model_kwargs_resumes(tmp_path, data):
+    # the checkpoint holds the spec as JSON, where (8, 8) reads back as [8, 8]: still the same run
+    deep = RunSpec("deepfm", FIELD_DIMS, 8, model_kwargs={"mlp_dims": (8, 8)}, threshold_init=-3.0)
+    search(deep, *data[0], tmp_path, [0.999], **dict(SEARCH, epochs=1))
+    resumed = search(deep, *data[0], tmp_path, [0.999], **SEARCH)
+    assert resumed["steps"] == 3 * 19  # resumed after the first epoch and ran the other two
+    with pytest.raises(ValueError, match="model_kwargs must be JSON data"):
+        RunSpec("deepfm", FIELD_DIMS, 8, model_kwargs={"mlp_dims": object()})
+
+
 def test_fast_search_matches_faithful_and_counts_less_often(tmp_path, data):
     faithful = search(spec(), *data[0], tmp_path / "faithful", [0.2, 0.4], **SEARCH)
     fast = search(spec(), *data[0], tmp_path / "fast", [0.2, 0.4], **dict(SEARCH, training="fast"))

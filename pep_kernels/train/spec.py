@@ -1,5 +1,6 @@
 """What a run is made of, saved with it so that retrain and evaluate rebuild the same model."""
 
+import json
 from dataclasses import asdict, dataclass, field
 
 from ..models import build_model
@@ -16,6 +17,16 @@ class RunSpec:
     threshold_init: float = -15.0
     threshold_slope: float = 0.0
     gk: float = 1.0
+
+    def __post_init__(self):
+        # The saved (JSON) form, so that a spec equals itself read back from its run's files:
+        # mlp_dims=(100, 100) comes back as [100, 100], and a resumed search compares the two.
+        self.field_dims = list(self.field_dims)
+        try:
+            self.model_kwargs = json.loads(json.dumps(self.model_kwargs))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"model_kwargs must be JSON data (they are saved with the run), got "
+                             f"{self.model_kwargs!r}: {e}") from None
 
     @property
     def num_embeddings(self):
