@@ -1,0 +1,104 @@
+"""Which rows the controller's and the recipe's masks keep on the synthetic task, by how often each
+feature occurs in the training split (issue 6: why the recipe's AutoInt tables retrain better there).
+
+    python scripts/mask_frequency.py [--model autoint] [--seeds 0 1 2] [--jobs 2] [--work DIR]
+        [--out docs/mask_frequency.md]
+
+Per seed, the two searches of scripts/budget_results.py (the controller: threshold_init -15, lr
+1e-2, the 3,000-step plan; the recipe: threshold_init -4, lr 1e-2, faithful pruning), and per
+80/90/95% snapshot: the non-zero count, the rows that keep at least one entry, the entries on rows
+whose planted embedding is empty (pep_kernels.data.synthetic: such features carry no signal), and
+the entries by the feature's number of occurrences in the training split. No retrain: the AUCs are
+budget_results.py's. With --work, finished searches in that folder are read back, not rerun.
+"""
+
+import argparse
+import multiprocessing
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from budget_results import BUDGETS, MODEL_KWARGS, RECIPE_EPOCHS, STEPS, SEARCH_LR, setting  # noqa: E402
+
+DATA = "synthetic=50000"
+BUCKETS = ((0, 0), (1, 4), (5, 19), (20, 99), (100, 999), (1000, None))
+
+
+def one_seed(task):
+    import math
+
+    from pep_kernels.data import make_synthetic_ctr
+    from pep_kernels.train import checkpoint, search
+    from pep_kernels.train.spec import RunSpec
+
+    model_name, seed, work = task
+    torch.set_num_threads(1)
+    data, (train, _, _), spec, _, _ = setting(DATA, model_name, seed, 15, "feature_dim")
+    # the task load_data builds (pep_kernels.data.synthetic_ctr_data: planted dimension 8, seed 0)
+    true_dims = make_synthetic_ctr(int(DATA.split("=")[1]), data.field_dims, 8, seed=0).true_dims.numpy()
+    offsets = np.concatenate([[0], np.cumsum(data.field_dims)[:-1]])
+    occurrences = np.bincount((train[0] + torch.as_tensor(offsets)).flatten().numpy(), minlength=spec.num_embeddings)
+    in_bucket = [(occurrences >= lo) & (occurrences <= (hi if hi is not None else occurrences.max()))
+                 for lo, hi in BUCKETS]
+    steps_per_epoch = math.ceil(len(train[1]) / 1024)
+    recipe_spec = RunSpec(model_name, data.field_dims, 16, model_kwargs=MODEL_KWARGS[model_name], threshold_init=-4.0)
+    rows = []
+    for method, run_spec, options in (
+        ("controller", spec, dict(lr=SEARCH_LR, pruning="budget", steps=STEPS,
+                                  epochs=math.ceil(1.1 * STEPS / steps_per_epoch))),
+        ("recipe", recipe_spec, dict(lr=1e-2, pruning="faithful", epochs=RECIPE_EPOCHS)),
+    ):
+        run_dir = work / f"{DATA}-{model_name}-{seed}-{method}"
+        run = search(run_spec, *train, run_dir, BUDGETS, seed=seed, log=lambda *_: None, **options)
+        for snap in run["snapshots"][1:]:
+            kept = (checkpoint.load(run_dir / snap["path"])[0]["weight"] != 0).numpy()
+            rows.append(dict(method=method, seed=seed, step=snap["step"], nnz=int(kept.sum()),
+                             rows=int(kept.any(1).sum()), empty_planted=int(kept[true_dims == 0].sum()),
+                             by_occurrences=[int(kept[b].sum()) for b in in_bucket]))
+    return dict(rows=rows, features=[int(b.sum()) for b in in_bucket], empty_features=int((true_dims == 0).sum()))
+
+
+def report(results, model_name, command, seconds):
+    buckets = [f"{lo}" if hi == lo else f"{lo}-{hi}" if hi else f"{lo}+" for lo, hi in BUCKETS]
+    lines = [f"# Masks by feature occurrences: {model_name} on {DATA}", "", f"Command: `{command}` ({seconds:.0f} s).",
+             "Per seed, the first line counts the features (rows) of the table; the others the entries each "
+             "snapshot keeps.", "",
+             "| seed | method | step | non-zeros | rows kept | on empty planted rows | "
+             + " | ".join(f"{b} occurrences" for b in buckets) + " |",
+             "|" + "---|" * (6 + len(buckets))]
+    for result in results:
+        seed = result["rows"][0]["seed"]
+        lines.append(f"| {seed} | features | | | {sum(result['features'])} | {result['empty_features']} | "
+                     + " | ".join(str(n) for n in result["features"]) + " |")
+        for r in result["rows"]:
+            lines.append(f"| {seed} | {r['method']} | {r['step']} | {r['nnz']} | {r['rows']} | "
+                         f"{r['empty_planted']} | " + " | ".join(str(n) for n in r["by_occurrences"]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="autoint", choices=list(MODEL_KWARGS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--work", type=Path, help="keep the searches here (default: a temporary folder)")
+    parser.add_argument("--out", type=Path, default=Path("mask_frequency.md"))
+    args = parser.parse_args(argv)
+    command = "python scripts/mask_frequency.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = args.work or Path(tmp)
+        tasks = [(args.model, seed, work) for seed in args.seeds]
+        with multiprocessing.get_context("spawn").Pool(min(args.jobs, len(tasks))) as pool:
+            results = pool.map(one_seed, tasks)
+    args.out.write_text(report(results, args.model, command, time.perf_counter() - start))
+    print(args.out.read_text())
+
+
+if __name__ == "__main__":
+    main()
