@@ -37,6 +37,7 @@ they finish, and `--report-only` rewrites the markdown from it.
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import multiprocessing
@@ -80,18 +81,25 @@ def setting(data_name, model_name, seed, train_epochs, threshold_mode, threshold
     return data, splits, spec, sparsity_of, common
 
 
+def compared_searches(ctrl_spec, steps_per_epoch, search_lr=SEARCH_LR, steps=STEPS):
+    """(method, spec, search options) of the controller's search and the recipe's, on the same model."""
+    recipe_spec = dataclasses.replace(ctrl_spec, threshold_init=-4.0, threshold_slope=0.0)
+    # epochs: room to pass the last budget up to 10% past its planned step (issue 6's tolerance)
+    return (("controller", ctrl_spec, dict(lr=search_lr, pruning="budget", steps=steps,
+                                           epochs=math.ceil(1.1 * steps / steps_per_epoch))),
+            ("recipe", recipe_spec, dict(lr=1e-2, pruning="faithful", epochs=RECIPE_EPOCHS)))
+
+
 def one_run(data_name, model_name, seed, work, train_epochs=TRAIN_EPOCHS, search_lr=SEARCH_LR, steps=STEPS,
             threshold_mode="feature_dim", threshold_init=-15.0, threshold_slope=0.0):
     from pep_kernels.models import FieldEmbedding
     from pep_kernels.train import evaluate, retrain, search
     from pep_kernels.train.loop import fit
     from pep_kernels.train.magnitude import magnitude_ticket
-    from pep_kernels.train.spec import RunSpec
 
     data, (train, val, test), ctrl_spec, sparsity_of, common = setting(data_name, model_name, seed, train_epochs,
                                                                        threshold_mode, threshold_init, threshold_slope)
     steps_per_epoch = math.ceil(len(train[1]) / 1024)
-    kwargs = MODEL_KWARGS[model_name]
     quiet = common["log"]
     table_size = sum(data.field_dims) * 16
     out = {"data": data_name, "model": model_name, "seed": seed, "rows": [], "searches": {}}
@@ -103,14 +111,7 @@ def one_run(data_name, model_name, seed, work, train_epochs=TRAIN_EPOCHS, search
     best = fit(full, train, val, desc="full", **common)
     out["rows"].append(dict(method="full", target=0.0, nnz=table_size, best_epoch=best["epoch"], **evaluate(full, *test)))
 
-    recipe_spec = RunSpec(model_name, data.field_dims, 16, model_kwargs=kwargs, threshold_init=-4.0,
-                          threshold_mode=threshold_mode)
-    for method, spec, options in (
-        # epochs: room to pass the last budget up to 10% past its planned step (issue 6's tolerance)
-        ("controller", ctrl_spec, dict(lr=search_lr, pruning="budget", steps=steps,
-                                       epochs=math.ceil(1.1 * steps / steps_per_epoch))),
-        ("recipe", recipe_spec, dict(lr=1e-2, pruning="faithful", epochs=RECIPE_EPOCHS)),
-    ):
+    for method, spec, options in compared_searches(ctrl_spec, steps_per_epoch, search_lr, steps):
         run_dir = work / f"{data_name}-{model_name}-{seed}-{method}"
         t0 = time.perf_counter()
         run = search(spec, *train, run_dir, BUDGETS, seed=seed, log=quiet, **options)

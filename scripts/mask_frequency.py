@@ -13,6 +13,7 @@ budget_results.py's. With --work, finished searches in that folder are read back
 """
 
 import argparse
+import math
 import multiprocessing
 import sys
 import tempfile
@@ -23,18 +24,15 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from budget_results import BUDGETS, MODEL_KWARGS, RECIPE_EPOCHS, STEPS, SEARCH_LR, setting  # noqa: E402
+from budget_results import BUDGETS, MODEL_KWARGS, compared_searches, setting  # noqa: E402
 
 DATA = "synthetic=50000"
 BUCKETS = ((0, 0), (1, 4), (5, 19), (20, 99), (100, 999), (1000, None))
 
 
 def one_seed(task):
-    import math
-
     from pep_kernels.data import make_synthetic_ctr
     from pep_kernels.train import checkpoint, search
-    from pep_kernels.train.spec import RunSpec
 
     model_name, seed, work = task
     torch.set_num_threads(1)
@@ -45,14 +43,8 @@ def one_seed(task):
     occurrences = np.bincount((train[0] + torch.as_tensor(offsets)).flatten().numpy(), minlength=spec.num_embeddings)
     in_bucket = [(occurrences >= lo) & (occurrences <= (hi if hi is not None else occurrences.max()))
                  for lo, hi in BUCKETS]
-    steps_per_epoch = math.ceil(len(train[1]) / 1024)
-    recipe_spec = RunSpec(model_name, data.field_dims, 16, model_kwargs=MODEL_KWARGS[model_name], threshold_init=-4.0)
     rows = []
-    for method, run_spec, options in (
-        ("controller", spec, dict(lr=SEARCH_LR, pruning="budget", steps=STEPS,
-                                  epochs=math.ceil(1.1 * STEPS / steps_per_epoch))),
-        ("recipe", recipe_spec, dict(lr=1e-2, pruning="faithful", epochs=RECIPE_EPOCHS)),
-    ):
+    for method, run_spec, options in compared_searches(spec, math.ceil(len(train[1]) / 1024)):
         run_dir = work / f"{DATA}-{model_name}-{seed}-{method}"
         run = search(run_spec, *train, run_dir, BUDGETS, seed=seed, log=lambda *_: None, **options)
         for snap in run["snapshots"][1:]:
