@@ -2,7 +2,7 @@
 feature occurs in the training split (issue 6: why the recipe's AutoInt tables retrain better there).
 
     python scripts/mask_frequency.py [--model autoint] [--seeds 0 1 2] [--jobs 2] [--work DIR]
-        [--out docs/mask_frequency.md]
+        [--out mask_frequency.md]
 
 Per seed, the two searches of scripts/budget_results.py (the controller: threshold_init -15, lr
 1e-2, the 3,000-step plan; the recipe: threshold_init -4, lr 1e-2, faithful pruning), and per
