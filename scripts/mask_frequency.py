@@ -67,11 +67,11 @@ def one_seed(task):
         for snap in run["snapshots"][1:]:
             table = tables[method, sparsity_of[snap["budget"]]] = checkpoint.load(run_dir / snap["path"])[0]["weight"]
             kept = (table != 0).numpy()
-            rows.append(dict(method=method, seed=seed, step=snap["step"], nnz=int(kept.sum()),
-                             rows=int(kept.any(1).sum()), empty_planted=int(kept[true_dims == 0].sum()),
-                             by_occurrences=[int(kept[b].sum()) for b in in_bucket]))
             auc = retrain(run_dir, snap["path"], train, val, test, **common)["test_auc"]
-            rows[-1].update(budget=sparsity_of[snap["budget"]], path=snap["path"], auc=auc)
+            rows.append(dict(method=method, seed=seed, budget=sparsity_of[snap["budget"]], step=snap["step"], auc=auc,
+                             nnz=int(kept.sum()), rows=int(kept.any(1).sum()),
+                             empty_planted=int(kept[true_dims == 0].sum()),
+                             by_occurrences=[int(kept[b].sum()) for b in in_bucket]))
 
     most_frequent = torch.as_tensor(np.argsort(-occurrences, kind="stable"))
     restricted_rows = []
