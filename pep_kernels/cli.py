@@ -67,7 +67,8 @@ def cmd_search(args):
     summary = search(spec, x, y, args.out, args.budgets, epochs=args.epochs, lr=args.lr,
                      weight_decay=args.weight_decay, batch_size=args.batch_size, seed=args.seed,
                      device=args.device, backend=args.backend, training=args.training,
-                     count_every=args.count_every, pruning=args.pruning, steps=args.steps, log=log)
+                     count_every=args.count_every, pruning=args.pruning, steps=args.steps,
+                     min_occurrences=args.min_occurrences, log=log)
     for snap in summary["snapshots"]:
         print(f"step {snap['step']:>7}  non-zeros {snap['nnz']:>10}  sparsity {snap['sparsity']:.2%}  {snap['path']}")
     print("\n".join(planned_vs_reached_lines(summary)))
@@ -173,6 +174,10 @@ def main(argv=None):
     p.add_argument("--steps", type=int,
                    help="step budget of the plan: the last budget is planned for this step (default: every step "
                         "of --epochs)")
+    p.add_argument("--min-occurrences", type=int, default=0,
+                   help="cut (zero before the first step) the rows of features seen fewer than this many times in "
+                        "the training split, so that the budget goes to features the data can train (10 is the "
+                        "setting docs/RESULTS.md measures; 0: keep every row)")
     p.add_argument("--model", default="fm", choices=sorted(MODELS))
     p.add_argument("--embedding-dim", type=int, default=16)
     p.add_argument("--threshold-mode", default="feature_dim")
@@ -258,6 +263,8 @@ def _check_options(parser, args):
     for name in ("batch_size", "embedding_dim", "count_every", "patience", "checkpoint_every"):
         if getattr(args, name, 1) < 1:
             fail(f"{option(name)} must be >= 1, got {getattr(args, name)}")
+    if getattr(args, "min_occurrences", 0) < 0:
+        fail(f"--min-occurrences must be >= 0, got {args.min_occurrences}")
     if getattr(args, "seed", 0) < 0:
         fail(f"--seed must be >= 0, got {args.seed}")
     numbers = {"lr": (lambda v: v > 0, "> 0"), "weight_decay": (lambda v: v >= 0, ">= 0"),

@@ -6,6 +6,7 @@ docs/RESULTS.md (issues 3 and 6) and the raw results beside it as .json.
     python scripts/budget_results.py [--data ml-100k synthetic=50000] [--models fm deepfm autoint]
                                      [--seeds 0 1 2] [--jobs 3] [--out docs/budget_results.md]
     python scripts/budget_results.py --equal-count --out docs/budget_results.md
+    python scripts/budget_results.py --min-occurrences 10 --reuse docs/budget_results.json [...] --out docs/cut.md
 
 Per (data, model, seed), on the seed's 80/10/10 split:
 - full: the full table, Adam lr 1e-2 (coupled L2 1e-5, batch 1024, clipping at 100 throughout).
@@ -25,7 +26,12 @@ Per (data, model, seed), on the seed's 80/10/10 split:
   count; `ctrl - recipe` compares at equal counts with it. `--equal-count` adds these rows to
   the .json of a run made without them.
 The controller and the recipe search with `--threshold-mode` (default feature_dim, the published
-runs' mode).
+runs' mode). `--min-occurrences K` cuts, in the controller's searches only, the features seen fewer
+than K times in the training split (`search(min_occurrences=K)`); the recipe keeps every row.
+`--reuse SAVED.json ...` runs only the controller (its searches and retrains) and takes the full,
+recipe and magnitude rows of each (data, model, seed) from the saved results: they are
+deterministic and would come out the same (the magnitude rows stay at the saved controller's
+counts, within 0.1% of every budget).
 Every retrain and the full table: lr 1e-2, at most TRAIN_EPOCHS epochs, early stopping on
 validation AUC with patience PATIENCE. One more run, the published recipe itself (threshold_init
 -15, lr 1e-3, faithful pruning) on MovieLens FM seed 0 for up to PUBLISHED_STEPS steps, measures
@@ -81,17 +87,19 @@ def setting(data_name, model_name, seed, train_epochs, threshold_mode, threshold
     return data, splits, spec, sparsity_of, common
 
 
-def compared_searches(ctrl_spec, steps_per_epoch, search_lr=SEARCH_LR, steps=STEPS):
+def compared_searches(ctrl_spec, steps_per_epoch, search_lr=SEARCH_LR, steps=STEPS, min_occurrences=0):
     """(method, spec, search options) of the controller's search and the recipe's, on the same model."""
     recipe_spec = dataclasses.replace(ctrl_spec, threshold_init=-4.0, threshold_slope=0.0)
     # epochs: room to pass the last budget up to 10% past its planned step (issue 6's tolerance)
-    return (("controller", ctrl_spec, dict(lr=search_lr, pruning="budget", steps=steps,
+    return (("controller", ctrl_spec, dict(lr=search_lr, pruning="budget", steps=steps, min_occurrences=min_occurrences,
                                            epochs=math.ceil(1.1 * steps / steps_per_epoch))),
             ("recipe", recipe_spec, dict(lr=1e-2, pruning="faithful", epochs=RECIPE_EPOCHS)))
 
 
 def one_run(data_name, model_name, seed, work, train_epochs=TRAIN_EPOCHS, search_lr=SEARCH_LR, steps=STEPS,
-            threshold_mode="feature_dim", threshold_init=-15.0, threshold_slope=0.0):
+            threshold_mode="feature_dim", threshold_init=-15.0, threshold_slope=0.0, min_occurrences=0, saved=None):
+    """Every row of one (data, model, seed); with `saved` (that triple's saved results), only the
+    controller's, the others copied from it."""
     from pep_kernels.models import FieldEmbedding
     from pep_kernels.train import evaluate, retrain, search
     from pep_kernels.train.loop import fit
@@ -104,19 +112,25 @@ def one_run(data_name, model_name, seed, work, train_epochs=TRAIN_EPOCHS, search
     table_size = sum(data.field_dims) * 16
     out = {"data": data_name, "model": model_name, "seed": seed, "rows": [], "searches": {}}
     start = time.perf_counter()
+    searches = compared_searches(ctrl_spec, steps_per_epoch, search_lr, steps, min_occurrences)
+    if saved is not None:
+        out["rows"] = [x for x in saved["rows"] if x["method"] in ("full", "recipe", "magnitude")]
+        out["searches"]["recipe"] = saved["searches"]["recipe"]
+        searches = searches[:1]
+    else:
+        torch.manual_seed(seed)
+        full = ctrl_spec.build(FieldEmbedding(data.field_dims, 16))
+        initial = copy.deepcopy(full.state_dict())
+        best = fit(full, train, val, desc="full", **common)
+        out["rows"].append(dict(method="full", target=0.0, nnz=table_size, best_epoch=best["epoch"],
+                                **evaluate(full, *test)))
 
-    torch.manual_seed(seed)
-    full = ctrl_spec.build(FieldEmbedding(data.field_dims, 16))
-    initial = copy.deepcopy(full.state_dict())
-    best = fit(full, train, val, desc="full", **common)
-    out["rows"].append(dict(method="full", target=0.0, nnz=table_size, best_epoch=best["epoch"], **evaluate(full, *test)))
-
-    for method, spec, options in compared_searches(ctrl_spec, steps_per_epoch, search_lr, steps):
+    for method, spec, options in searches:
         run_dir = work / f"{data_name}-{model_name}-{seed}-{method}"
         t0 = time.perf_counter()
         run = search(spec, *train, run_dir, BUDGETS, seed=seed, log=quiet, **options)
         out["searches"][method] = {"steps": run["steps"], "targets": run["targets"], "final_nnz": run["final_nnz"],
-                                   "seconds": time.perf_counter() - t0,
+                                   "seconds": time.perf_counter() - t0, "cut_rows": run["cut_rows"],
                                    "history": run["history"][::10]}  # every 10th count, for plots
         for snap in run["snapshots"][1:]:
             result = retrain(run_dir, snap["path"], train, val, test, **common)
@@ -124,8 +138,8 @@ def one_run(data_name, model_name, seed, work, train_epochs=TRAIN_EPOCHS, search
                                     step=snap["step"], best_epoch=result["best_epoch"], auc=result["test_auc"],
                                     logloss=result["test_logloss"]))
     out["rows"] += equal_count_rows(ctrl_spec, out["searches"], train, val, test, work / f"{data_name}-{model_name}-{seed}",
-                                    sparsity_of, common, seed, search_lr, steps)
-    for target in out["searches"]["controller"]["targets"]:
+                                    sparsity_of, common, seed, search_lr, steps, min_occurrences)
+    for target in out["searches"]["controller"]["targets"] if saved is None else []:
         nnz = target["nnz"] if target["nnz"] is not None else target["budget"]
         masked = magnitude_ticket(ctrl_spec, initial, full.embedding.embedding.weight, nnz)
         best = fit(masked, train, val, desc="magnitude", **common)
@@ -135,7 +149,8 @@ def one_run(data_name, model_name, seed, work, train_epochs=TRAIN_EPOCHS, search
     return out
 
 
-def equal_count_rows(spec, searches, train, val, test, work, sparsity_of, common, seed, search_lr, steps):
+def equal_count_rows(spec, searches, train, val, test, work, sparsity_of, common, seed, search_lr, steps,
+                     min_occurrences=0):
     """Where the recipe passed a budget by a jump (more than EQUAL_COUNT_SLACK under the controller's
     count, e.g. 80% at step 2), the controller searched to the recipe's own count, planned where the
     default plan passes that count, and retrained: the comparison at the same non-zero count."""
@@ -153,7 +168,7 @@ def equal_count_rows(spec, searches, train, val, test, work, sparsity_of, common
     wanted = sorted(counts, reverse=True)
     run_dir = Path(f"{work}-equal")
     run = search(spec, *train, run_dir, wanted, seed=seed, log=common["log"], lr=search_lr, pruning="budget",
-                 planned_steps=[plan[c] for c in wanted], epochs=math.ceil(1.1 * steps / math.ceil(len(train[1]) / 1024)))
+                 planned_steps=[plan[c] for c in wanted], min_occurrences=min_occurrences, epochs=math.ceil(1.1 * steps / math.ceil(len(train[1]) / 1024)))
     rows = []
     for snap in run["snapshots"][1:]:
         result = retrain(run_dir, snap["path"], train, val, test, **common)
@@ -347,6 +362,11 @@ def build_parser():
     parser.add_argument("--threshold-init", type=float, default=-15.0, help="the controller search's threshold_init")
     parser.add_argument("--threshold-slope", type=float, default=0.0,
                         help="the controller search's threshold_slope (dimension j starts at init + j * slope)")
+    parser.add_argument("--min-occurrences", type=int, default=0,
+                        help="the controller's searches cut the features seen fewer than this many times")
+    parser.add_argument("--reuse", nargs="+", type=Path, default=[],
+                        help="saved results (.json) to take the full, recipe and magnitude rows from: only the "
+                             "controller runs")
     parser.add_argument("--no-published", action="store_true", help="skip the long published-recipe run")
     parser.add_argument("--report-only", action="store_true", help="rewrite the markdown from the .json")
     parser.add_argument("--equal-count", action="store_true",
@@ -368,13 +388,18 @@ def main(argv=None):
         add_equal_counts(raw, args, command, start)
         return
     with tempfile.TemporaryDirectory() as work:
-        tasks = [] if args.no_published else [("published", args.data[0], "fm", 0, work, None)]
+        reused = {(r["data"], r["model"], r["seed"]): r for f in args.reuse
+                  for r in json.loads(f.read_text())["results"] if "searches" in r}
+        tasks = [] if args.no_published or reused else [("published", args.data[0], "fm", 0, work, None)]
         # AutoInt (ten times slower per step) last, so that a cut run has the other models whole
         runs = [(d, m, s) for d in args.data for m in args.models for s in args.seeds]
         options = dict(train_epochs=args.train_epochs, search_lr=args.search_lr, steps=args.steps,
                        threshold_mode=args.threshold_mode, threshold_init=args.threshold_init,
-                       threshold_slope=args.threshold_slope)
-        tasks += [("run", d, m, s, work, options) for d, m, s in sorted(
+                       threshold_slope=args.threshold_slope, min_occurrences=args.min_occurrences)
+        missing = [run for run in runs if reused and run not in reused]
+        if missing:
+            raise SystemExit(f"--reuse: no saved results for {missing}")
+        tasks += [("run", d, m, s, work, dict(options, saved=reused.get((d, m, s)))) for d, m, s in sorted(
             runs, key=lambda r: (r[1] == "autoint", args.data.index(r[0])))]
         results = []
         args.out.parent.mkdir(parents=True, exist_ok=True)

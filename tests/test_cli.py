@@ -99,6 +99,7 @@ def cli_errors(tmp_path):
         (search + ["--budgets", "-3"], "budget -3.0 is neither"),
         (search + ["--budgets", "lots"], "budget 'lots' is neither a sparsity in (0, 1)"),
         (search + ["--epochs", "-1"], "--epochs must be >= 1, got -1"),
+        (search + ["--min-occurrences", "-1"], "--min-occurrences must be >= 0, got -1"),
         (search + ["--cache-dir", str(afile)], f"--cache-dir {afile}: is a file, expected a folder"),
         (["search", *DATA, "--out", str(afile), "--budgets", "0.5"], f"--out {afile}: is a file, expected a folder"),
         (["search", "--data", "synthetic=0", "--out", str(tmp_path / "r"), "--budgets", "0.5"], "num_samples >= 1"),

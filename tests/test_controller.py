@@ -5,6 +5,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from pep_kernels.cli import main
 from pep_kernels.data import make_synthetic_ctr
@@ -150,6 +151,42 @@ def test_every_threshold_mode_reaches_its_budgets(tmp_path, data, mode):
         assert abs(target["reached_step"] - target["planned_step"]) <= max(4, 0.15 * target["planned_step"]), mode
 
 
+@pytest.mark.parametrize("mode", ["feature_dim", "feature", "global"])
+def test_min_occurrences_cuts_rare_features_for_the_whole_search(tmp_path, data, mode):
+    """Features seen fewer than 5 times (361 of the 800 rows here) are zeroed in the initial table
+    and stay zero in every snapshot and in the last state; the other rows start as without the
+    cut, the plan starts from the cut count, the budgets are still passed on schedule, and fast
+    training replays the same numbers."""
+    from pep_kernels.train import checkpoint
+
+    budgets = [0.7, 0.8, 0.9]  # the cut alone takes the count to 45% sparsity
+    x, _ = data
+    rare = torch.cat([torch.bincount(torch.as_tensor(x)[:, f], minlength=n) < 5 for f, n in enumerate(FIELD_DIMS)])
+    assert 0 < int(rare.sum()) < len(rare)
+    full = search(spec(mode), *data, tmp_path / "full", budgets, **dict(SEARCH, epochs=1))
+    cut = search(spec(mode), *data, tmp_path / "cut", budgets, **dict(SEARCH, min_occurrences=5))
+    assert full["cut_rows"] == 0 and cut["cut_rows"] == int(rare.sum()) and cut["min_occurrences"] == 5
+    initial = {name: checkpoint.load(tmp_path / name / "initial.safetensors")[0]["embedding.weight"]
+               for name in ("full", "cut")}
+    assert torch.equal(initial["cut"][~rare], initial["full"][~rare]) and not initial["cut"][rare].any()
+    step0 = cut["snapshots"][0]["nnz"]
+    assert step0 == int(torch.count_nonzero(checkpoint.load(tmp_path / "cut" / cut["snapshots"][0]["path"])[0]["weight"]))
+    assert step0 < full["snapshots"][0]["nnz"] and cut["plan"]["initial_nnz"] == step0
+    assert not cut["unreached"]
+    for target in cut["targets"]:
+        assert abs(target["reached_step"] - target["planned_step"]) <= max(4, 0.15 * target["planned_step"]), mode
+    tables = [checkpoint.load(tmp_path / "cut" / snap["path"])[0]["weight"] for snap in cut["snapshots"]]
+    tables.append(checkpoint.load(tmp_path / "cut" / "checkpoint.safetensors")[0]["model.embedding.weight"])
+    for table in tables:
+        assert not table[rare].any()
+    fast = search(spec(mode), *data, tmp_path / "fast", budgets, **dict(SEARCH, min_occurrences=5, training="fast"))
+    assert fast["history"] == cut["history"]
+    with pytest.raises(ValueError, match="belongs to another run"):
+        search(spec(mode), *data, tmp_path / "cut", budgets, **dict(SEARCH, min_occurrences=6))
+    with pytest.raises(ValueError, match="min_occurrences must be an int >= 0, got -1"):
+        search(spec(mode), *data, tmp_path / "bad", budgets, **dict(SEARCH, min_occurrences=-1))
+
+
 @pytest.mark.parametrize("mode", ["global", "dimension", "field", "field_dim"])
 def test_shared_thresholds_reach_the_last_budget_against_their_drift(tmp_path, data, mode):
     """At lr 0.1 the loss pulls a shared s down by ~0.1 a step and the count trails the plan by a
@@ -202,6 +239,10 @@ def test_cli_search_plans_by_default(tmp_path, capsys):
     main(["search", "--data", "synthetic=3000", "--out", str(tmp_path / "faithful"), "--budgets", "0.5",
           "--epochs", "1", "--pruning", "faithful", "--lr", "0.01", "--threshold-init", "-3"])
     assert json.loads((tmp_path / "faithful" / "search.json").read_text())["pruning"] == "faithful"
+    main(["search", "--data", "synthetic=3000", "--out", str(tmp_path / "cut"), "--budgets", "0.5", "--epochs", "1",
+          "--threshold-init", "-8", "--embedding-dim", "8", "--min-occurrences", "20"])
+    cut = json.loads((tmp_path / "cut" / "search.json").read_text())
+    assert cut["min_occurrences"] == 20 and 0 < cut["cut_rows"] and "features seen fewer than 20 times" in capsys.readouterr().err
     capsys.readouterr()
     with pytest.raises(SystemExit):
         main(["search", "--data", "synthetic=3000", "--out", str(tmp_path / "bad"), "--budgets", "0.5",

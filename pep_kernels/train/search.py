@@ -9,6 +9,13 @@ How the count falls is the `pruning`: "budget" (the default) plans it and steers
 scale gk from the counts so that each budget is passed at its planned step (`controller`);
 "faithful" is the published recipe, gk fixed and pruning at the pace of the thresholds' drift.
 
+`min_occurrences` K > 0 cuts the features seen fewer than K times in the search's data before the
+first step: their rows of W are zeroed in the initial table (and so in `initial.safetensors`, the
+lottery ticket), and a zero entry gets no gradient through the soft threshold and no L2 pull, so it
+stays zero in every snapshot. The budget is then spent on the features the data can train: with
+budgets of a few entries per row, the controller otherwise spreads them over every row, rare ones
+included (docs/RESULTS.md, "What the recipe's masks keep").
+
 The table trains with the fused row optimizer of `pep_kernels.optim`: Adam with coupled L2,
 `training="faithful"` (every row every step, the published recipe) or `"fast"` (looked-up rows
 only, skipped steps replayed exactly: the same numbers). The rest of the model (and shared
@@ -32,6 +39,7 @@ import torch
 from ..optim import Adam
 from . import checkpoint
 from .controller import LOG_GK_RANGE, BudgetController, cubic_planned_steps
+from ..ops.indices import offset_field_ids
 from .loop import epoch_order, make_optimizer, train_steps
 from .spec import RunSpec
 
@@ -89,6 +97,13 @@ def _snapshot(out_dir, step, embedding, budget):
     return dict(meta, path=path.name)
 
 
+def rare_rows(x, field_dims, min_occurrences):
+    """Bool mask over the table's rows: the features seen fewer than `min_occurrences` times in
+    `x` (per-field ids, one column per field)."""
+    rows = offset_field_ids(torch.as_tensor(x), torch.tensor(field_dims)).reshape(-1)
+    return torch.bincount(rows, minlength=sum(field_dims)) < min_occurrences
+
+
 def _planned_vs_reached(counts, state):
     """Per budget: its planned step (budget pruning), the step it was reached at and the count there."""
     reached = {snap["budget"]: snap for snap in state["snapshots"][1:]}
@@ -99,14 +114,16 @@ def _planned_vs_reached(counts, state):
 
 def search(spec, x, y, out_dir, budgets, *, epochs=10, lr=1e-3, weight_decay=1e-5, batch_size=1024,
            clip_norm=100.0, seed=0, device="cpu", backend="auto", training="faithful", count_every=1,
-           checkpoint_every=1000, pruning="budget", steps=None, planned_steps=None, log=print):
+           checkpoint_every=1000, pruning="budget", steps=None, planned_steps=None, min_occurrences=0, log=print):
     """Runs (or resumes) a budgeted PEP search on (x, y); returns the summary also written to search.json.
 
     `pruning="budget"` steers the thresholds' scale gk so that the count passes each budget at its
     planned step (`controller`): `planned_steps` (one per budget, largest budget first), or by
     default the crossings of a cubic plan ending at the step budget `steps` (default: every step
     of `epochs`). `pruning="faithful"` is the published recipe: gk stays at the spec's value and
-    pruning comes from the thresholds' own drift. Either way the search stops at the last budget."""
+    pruning comes from the thresholds' own drift. Either way the search stops at the last budget.
+    `min_occurrences` K > 0 zeroes, before the first step, the rows of the features seen fewer than
+    K times in `x` (they stay zero)."""
     if not isinstance(spec, RunSpec):
         raise TypeError(f"spec must be a RunSpec, got {type(spec).__name__}")
     if training not in TRAINING_MODES:
@@ -115,6 +132,8 @@ def search(spec, x, y, out_dir, budgets, *, epochs=10, lr=1e-3, weight_decay=1e-
         raise ValueError(f"count_every must be a positive int, got {count_every!r}")
     if pruning not in PRUNING_MODES:
         raise ValueError(f"unknown pruning {pruning!r}; expected one of {PRUNING_MODES}")
+    if isinstance(min_occurrences, bool) or not isinstance(min_occurrences, int) or min_occurrences < 0:
+        raise ValueError(f"min_occurrences must be an int >= 0, got {min_occurrences!r}")
     if pruning == "faithful" and (steps is not None or planned_steps is not None):
         raise ValueError("steps and planned_steps plan the budget pruning; faithful pruning has no plan")
     out_dir, device = Path(out_dir), torch.device(device)
@@ -135,15 +154,17 @@ def search(spec, x, y, out_dir, budgets, *, epochs=10, lr=1e-3, weight_decay=1e-
     plan_end = max(planned_steps) if planned_steps is not None else steps
     if pruning == "budget" and plan_end > available:
         log(f"warning: the plan ends at step {plan_end}, past the {available} steps of {epochs} epochs")
-    state = {"step": 0, "epoch": 0, "batch": 0, "remaining": list(remaining), "snapshots": []}
+    state = {"step": 0, "epoch": 0, "batch": 0, "remaining": list(remaining), "snapshots": [], "cut_rows": 0}
     history = []  # (step, nnz, mean threshold, gk) after every counted step
     saturation_warned = False
 
     ckpt_path = out_dir / "checkpoint.safetensors"
     if ckpt_path.exists():
         tensors, meta = checkpoint.load(ckpt_path)
-        if RunSpec.from_dict(meta["spec"]) != spec or meta["seed"] != seed or meta.get("training") != training:
-            raise ValueError(f"{ckpt_path} belongs to another run (spec, seed or training differ); use a new folder")
+        if (RunSpec.from_dict(meta["spec"]) != spec or meta["seed"] != seed or meta.get("training") != training
+                or meta.get("min_occurrences", 0) != min_occurrences):
+            raise ValueError(f"{ckpt_path} belongs to another run (spec, seed, training or min_occurrences differ); "
+                             "use a new folder")
         model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
         checkpoint.load_optimizer(optimizer, tensors)
         torch.set_rng_state(tensors["rng"])
@@ -153,6 +174,13 @@ def search(spec, x, y, out_dir, budgets, *, epochs=10, lr=1e-3, weight_decay=1e-
             raise ValueError(f"{ckpt_path} was searched with {meta.get('pruning', 'faithful')} pruning, not {pruning}")
         log(f"resumed {out_dir} at step {state['step']} (epoch {state['epoch'] + 1}, batch {state['batch']})")
     else:
+        if min_occurrences:
+            rare = rare_rows(x, spec.field_dims, min_occurrences)
+            with torch.no_grad():
+                embedding.weight[rare.to(device)] = 0
+            state["cut_rows"] = int(rare.sum())
+            log(f"cut {state['cut_rows']} of {spec.num_embeddings} rows: features seen fewer than {min_occurrences} "
+                "times")
         checkpoint.save(out_dir / "initial.safetensors", model.state_dict(), {"spec": spec.to_dict(), "seed": seed})
         state["snapshots"].append(_snapshot(out_dir, 0, embedding, None))
         if pruning == "budget":
@@ -174,7 +202,7 @@ def search(spec, x, y, out_dir, budgets, *, epochs=10, lr=1e-3, weight_decay=1e-
         if controller is not None:
             state["controller"] = controller.state_dict()
         checkpoint.save(ckpt_path, tensors, {"spec": spec.to_dict(), "seed": seed, "training": training,
-                                             "pruning": pruning, "state": state})
+                                             "pruning": pruning, "min_occurrences": min_occurrences, "state": state})
 
     def after_step(loss):
         nonlocal saturation_warned
@@ -212,6 +240,7 @@ def search(spec, x, y, out_dir, budgets, *, epochs=10, lr=1e-3, weight_decay=1e-
         "unreached": state["remaining"], "snapshots": state["snapshots"],
         "final_nnz": embedding.nnz(), "table_size": spec.num_embeddings * spec.embedding_dim, "pruning": pruning,
         "plan": state.get("plan"), "targets": _planned_vs_reached(remaining, state),
+        "min_occurrences": min_occurrences, "cut_rows": state.get("cut_rows", 0),
     }
     checkpoint.save_text(out_dir / "search.json", json.dumps(summary, indent=1))
     summary["history"] = history
