@@ -258,7 +258,13 @@ def report(results, command, seconds, equal_count=None):
             lines.append(f"| {data} | {model} | {budget:.0%} ({targets[0]['budget']}) | {planned} | "
                          f"{', '.join(str(s) if s is not None else 'not reached' for s in reached)} | "
                          f"{f'{max(offs):.1%}' if offs else '-'} | {', '.join(str(t['nnz']) for t in targets)} |")
-    lines += ["", f"Largest |reached - planned| / planned: {worst:.1%}.", "",
+    lines += ["", f"Largest |reached - planned| / planned: {worst:.1%}."]
+    cut = {key: [r["searches"]["controller"].get("cut_rows", 0) for r in rs] for key, rs in groups.items()}
+    if any(any(rows) for rows in cut.values()):
+        lines += ["", "Rows cut before the controller's searches (features seen fewer than `--min-occurrences` times "
+                  "in the seed's training split), per seed: " + "; ".join(
+                      f"{data} {model} {', '.join(map(str, rows))}" for (data, model), rows in cut.items()) + "."]
+    lines += ["",
               "### Test AUC at equal budgets", "",
               "Mean ± standard deviation over the seeds. `Δ full`: AUC minus the same seed's full table; "
               "`ctrl - recipe`: controller minus the recipe's pruning at the same budget, paired by seed, at the "

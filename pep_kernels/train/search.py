@@ -36,10 +36,10 @@ from pathlib import Path
 
 import torch
 
+from ..ops.indices import offset_field_ids
 from ..optim import Adam
 from . import checkpoint
 from .controller import LOG_GK_RANGE, BudgetController, cubic_planned_steps
-from ..ops.indices import offset_field_ids
 from .loop import epoch_order, make_optimizer, train_steps
 from .spec import RunSpec
 
