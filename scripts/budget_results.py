@@ -168,7 +168,8 @@ def equal_count_rows(spec, searches, train, val, test, work, sparsity_of, common
     wanted = sorted(counts, reverse=True)
     run_dir = Path(f"{work}-equal")
     run = search(spec, *train, run_dir, wanted, seed=seed, log=common["log"], lr=search_lr, pruning="budget",
-                 planned_steps=[plan[c] for c in wanted], min_occurrences=min_occurrences, epochs=math.ceil(1.1 * steps / math.ceil(len(train[1]) / 1024)))
+                 planned_steps=[plan[c] for c in wanted], min_occurrences=min_occurrences,
+                 epochs=math.ceil(1.1 * steps / math.ceil(len(train[1]) / 1024)))
     rows = []
     for snap in run["snapshots"][1:]:
         result = retrain(run_dir, snap["path"], train, val, test, **common)
@@ -397,7 +398,7 @@ def main(argv=None):
         reused = {(r["data"], r["model"], r["seed"]): r for f in args.reuse
                   for r in json.loads(f.read_text())["results"] if "searches" in r}
         tasks = [] if args.no_published or reused else [("published", args.data[0], "fm", 0, work, None)]
-        # AutoInt (ten times slower per step) last, so that a cut run has the other models whole
+        # AutoInt (ten times slower per step) last, so that an interrupted run has the other models whole
         runs = [(d, m, s) for d in args.data for m in args.models for s in args.seeds]
         options = dict(train_epochs=args.train_epochs, search_lr=args.search_lr, steps=args.steps,
                        threshold_mode=args.threshold_mode, threshold_init=args.threshold_init,
