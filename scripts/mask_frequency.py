@@ -50,14 +50,14 @@ def restricted(pool, keep_rows, count):
 def one_seed(task):
     from pep_kernels.data import make_synthetic_ctr
     from pep_kernels.train import checkpoint, retrain, search
+    from pep_kernels.train.search import feature_occurrences
 
     model_name, seed, work = task
     torch.set_num_threads(1)
     data, (train, val, test), spec, sparsity_of, common = setting(DATA, model_name, seed, 15, "feature_dim")
     # the task load_data builds (pep_kernels.data.synthetic_ctr_data: planted dimension 8, seed 0)
     true_dims = make_synthetic_ctr(int(DATA.split("=")[1]), data.field_dims, 8, seed=0).true_dims.numpy()
-    offsets = np.concatenate([[0], np.cumsum(data.field_dims)[:-1]])
-    occurrences = np.bincount((train[0] + torch.as_tensor(offsets)).flatten().numpy(), minlength=spec.num_embeddings)
+    occurrences = feature_occurrences(train[0], data.field_dims).numpy()
     in_bucket = [(occurrences >= lo) & (occurrences <= (hi if hi is not None else occurrences.max()))
                  for lo, hi in BUCKETS]
     rows, tables, dirs = [], {}, {}

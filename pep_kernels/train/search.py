@@ -97,11 +97,10 @@ def _snapshot(out_dir, step, embedding, budget):
     return dict(meta, path=path.name)
 
 
-def rare_rows(x, field_dims, min_occurrences):
-    """Bool mask over the table's rows: the features seen fewer than `min_occurrences` times in
-    `x` (per-field ids, one column per field)."""
+def feature_occurrences(x, field_dims):
+    """How often each row's feature occurs in `x` (per-field ids, one column per field)."""
     rows = offset_field_ids(torch.as_tensor(x), torch.tensor(field_dims)).reshape(-1)
-    return torch.bincount(rows, minlength=sum(field_dims)) < min_occurrences
+    return torch.bincount(rows, minlength=sum(field_dims))
 
 
 def _planned_vs_reached(counts, state):
@@ -175,7 +174,7 @@ def search(spec, x, y, out_dir, budgets, *, epochs=10, lr=1e-3, weight_decay=1e-
         log(f"resumed {out_dir} at step {state['step']} (epoch {state['epoch'] + 1}, batch {state['batch']})")
     else:
         if min_occurrences:
-            rare = rare_rows(x, spec.field_dims, min_occurrences)
+            rare = feature_occurrences(x, spec.field_dims) < min_occurrences
             with torch.no_grad():
                 embedding.weight[rare.to(device)] = 0
             state["cut_rows"] = int(rare.sum())
