@@ -8,17 +8,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-HAS_CUDA = torch.cuda.is_available()
-# Kernel backends and the device their tests run on.
-KERNEL_BACKENDS = ["cpu", "triton"]
-
-
-def backend_device(backend):
-    return "cuda" if backend == "triton" and HAS_CUDA else "cpu"
-
 
 def pytest_collection_modifyitems(config, items):
-    if HAS_CUDA:
+    if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:

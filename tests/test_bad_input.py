@@ -7,8 +7,7 @@ import sys
 import pytest
 import torch
 
-from conftest import backend_device
-from helpers import make_lookup
+from utils import backend_device, make_lookup
 from pep_kernels import PEPEmbedding, soft_threshold_embedding
 
 BACKENDS = ["reference", "cpu", "triton"]

@@ -6,8 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import KERNEL_BACKENDS, backend_device
-from helpers import MODES
+from utils import KERNEL_BACKENDS, MODES, backend_device
 from pep_kernels import PEPEmbedding, reference, soft_threshold_embedding, threshold_shape
 from pep_kernels._validation import mode_layout
 

@@ -10,7 +10,7 @@ from pep_kernels import PEPEmbedding, reference
 from pep_kernels.ops.optim import row_optimizer_catch_up, row_optimizer_step
 from pep_kernels.optim import SGD, Adagrad, Adam
 
-from helpers import MODES, PER_ROW_MODES, train_with_row_oracle
+from utils import MODES, PER_ROW_MODES, train_with_row_oracle
 
 FIELDS = 3
 

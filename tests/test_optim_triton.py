@@ -8,7 +8,7 @@ that without a GPU they run on CPU tensors in Triton's interpreter.
 import pytest
 import torch
 
-from conftest import HAS_CUDA
+from utils import HAS_CUDA
 from pep_kernels.ops import optim_triton
 from pep_kernels.optim import Adam
 

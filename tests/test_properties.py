@@ -20,8 +20,7 @@ import torch
 from hypothesis import given, note, settings
 from hypothesis import strategies as st
 
-from conftest import backend_device
-from helpers import EPS32, FIELD_MODES, GRAD_TOL, MODES, PER_ROW_MODES, dense, train_with_row_oracle
+from utils import EPS32, FIELD_MODES, GRAD_TOL, MODES, PER_ROW_MODES, backend_device, dense, train_with_row_oracle
 from pep_kernels import PEPEmbedding, reference, soft_threshold_embedding
 from pep_kernels._validation import PER_FIELD, PER_ROW, mode_layout, threshold_shape
 from pep_kernels.optim import SGD, Adagrad, Adam

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from helpers import FIELD_MODES, MODES, make_lookup, out_tol
+from utils import FIELD_MODES, MODES, make_lookup, out_tol
 from pep_kernels import reference, threshold_shape
 
 

@@ -3,8 +3,7 @@
 import pytest
 import torch
 
-from conftest import HAS_CUDA
-from helpers import GRAD_TOL, MODES, make_lookup, out_tol
+from utils import GRAD_TOL, HAS_CUDA, MODES, make_lookup, out_tol
 from pep_kernels import PEPEmbedding, soft_threshold_embedding
 
 ops = torch.ops.pep_kernels

@@ -3,9 +3,8 @@
 import pytest
 import torch
 
-from conftest import KERNEL_BACKENDS, backend_device
-from helpers import (FIELD_MODES, GRAD_TOL, MODES, ODD_DIMS, PER_ROW_MODES, dense, leaves, make_lookup,
-                     out_tol)
+from utils import (FIELD_MODES, GRAD_TOL, KERNEL_BACKENDS, MODES, ODD_DIMS, PER_ROW_MODES, backend_device, dense,
+    leaves, make_lookup, out_tol)
 from pep_kernels import reference, soft_threshold_embedding
 
 

@@ -1,6 +1,19 @@
+"""Helpers shared by the tests: device facts, the modes and shapes every kernel is tested on,
+tolerances, and builders of lookups and oracle training runs. Import it as `from utils import ...`
+(tests/ is on sys.path under pytest); conftest.py only configures pytest."""
+
 import torch
 
 from pep_kernels import reference, threshold_shape
+
+HAS_CUDA = torch.cuda.is_available()
+# Kernel backends and the device their tests run on.
+KERNEL_BACKENDS = ["cpu", "triton"]
+
+
+def backend_device(backend):
+    return "cuda" if backend == "triton" and HAS_CUDA else "cpu"
+
 
 MODES = ("global", "dimension", "feature", "feature_dim", "field", "field_dim")
 FIELD_MODES = ("field", "field_dim")
