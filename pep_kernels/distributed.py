@@ -84,7 +84,7 @@ except ImportError as error:  # the optional extras
 from . import reference
 from ._validation import (PER_FIELD, PER_ROW, check_field_dims, check_gk, check_ids_in_range, initial_thresholds,
                           mode_layout, threshold_shape)
-from .functional import resolve_backend, soft_threshold_embedding
+from .functional import resolve_backend, soft_threshold_embedding, soft_threshold_rows
 from .ops.indices import offset_field_ids
 from .ops import optim as optim_ops
 from .optim import SGD, Adagrad, Adam, RowOptimizer
@@ -384,17 +384,15 @@ class ShardedPEPEmbedding(_ShardedTable):
         d, t = self.embedding_dim, self.threshold_columns
         pruned = []
         for first, rows in self.local_shards():
-            # Contiguous copies: torch's vectorized sigmoid can differ from its strided one by an
-            # ulp, and PEPEmbedding.pruned_weight reads contiguous tensors.
-            weight = rows[:, :d].float().contiguous()
+            weight = rows[:, :d].float()
             if t:
-                threshold = rows[:, d:d + t].float().contiguous()
+                threshold = rows[:, d:d + t].float()
             elif self.field_dims is not None and mode_layout(self.threshold_mode)[0] == PER_FIELD:
                 fields = reference.field_of_rows(self.field_dims.cpu())[first:first + rows.shape[0]]
                 threshold = self.threshold.detach()[fields.to(self.threshold.device)]
             else:
-                threshold = self.threshold.detach()
-            pruned.append((first, reference.soft_threshold_values(weight, threshold, self.gk)))
+                threshold = self.threshold.detach().reshape(1, -1).expand(rows.shape[0], -1)
+            pruned.append((first, soft_threshold_rows(weight, threshold, self.gk)))
         return pruned
 
     @torch.no_grad()

@@ -1,8 +1,10 @@
 """The functional API: validates inputs and dispatches to a backend by device."""
 
+import torch
+
 from . import reference
-from ._validation import check_lookup
-from .ops.soft_threshold import SoftThresholdEmbeddingFunction
+from ._validation import check_gk, check_lookup
+from .ops.soft_threshold import SoftThresholdEmbeddingFunction, _cpu_ops, _triton_ops
 
 BACKENDS = ("auto", "triton", "cpu", "reference")
 
@@ -38,3 +40,27 @@ def soft_threshold_embedding(
     if backend == "reference":
         return reference.soft_threshold_embedding(indices, weight, threshold, mode, gk, sparse)
     return SoftThresholdEmbeddingFunction.apply(indices, weight, threshold, mode, gk, sparse, deterministic, backend)
+
+
+@torch.no_grad()
+def soft_threshold_rows(weight, threshold_rows, gk=1.0):
+    """S(W, s) row by row, (R, d): row i of `weight` (R, d) thresholded by row i of
+    `threshold_rows` (R, 1 or d; any strides, so an expanded shared or per-field threshold costs
+    no copy), computed by the lookup kernels themselves (C++ on CPU, Triton on GPU).
+
+    So a pruned table is what its lookups return, bit for bit, and it does not depend on how the
+    rows are split into blocks or on the CPU's vector width (torch's vectorised sigmoid rounds
+    the tail of a tensor differently from its body, and AVX-512 from AVX2). Half-precision tables
+    are computed in float32 and rounded once, as the lookups do.
+    """
+    gk = check_gk(gk)
+    if weight.dim() != 2 or threshold_rows.dim() != 2 or threshold_rows.shape[0] != weight.shape[0] \
+            or threshold_rows.shape[1] not in (1, weight.shape[1]):
+        raise ValueError(f"threshold_rows must be (R, 1) or (R, d) for weight (R, d) = {tuple(weight.shape)}, got "
+                         f"{tuple(threshold_rows.shape)}")
+    mode = "feature_dim" if threshold_rows.shape[1] == weight.shape[1] else "feature"
+    ids = torch.arange(weight.shape[0], device=weight.device)
+    if weight.is_cuda:
+        return _triton_ops()[0](ids, weight, threshold_rows, mode, gk)
+    compute = torch.promote_types(weight.dtype, torch.float32)
+    return _cpu_ops()[0](ids, weight.to(compute), threshold_rows.to(compute), mode, gk).to(weight.dtype)

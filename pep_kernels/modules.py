@@ -4,10 +4,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import reference
 from ._validation import (PER_FIELD, PER_ROW, check_field_dims, check_gk, check_ids_in_range, check_lookup,
                           initial_thresholds, mode_layout, threshold_shape)
-from .functional import resolve_backend, soft_threshold_embedding
+from .functional import resolve_backend, soft_threshold_embedding, soft_threshold_rows
 from .ops import optim as optim_ops
 from .ops.indices import distinct_ids, offset_field_ids
 from .optim import Adam, RowOptimizer
@@ -37,9 +36,7 @@ class _FieldTable(nn.Module):
         """The pruned table block by block, as (start, end, rows start..end-1) of about `entries`
         (default `BLOCK_ENTRIES`) entries each: what exports a big table without a temporary of
         the table's size."""
-        # Whole multiples of 64 rows: each block starts where torch's vectorised loops over the
-        # whole table would be at a vector boundary, so blocks compute bitwise what one pass would.
-        step = max(64, (entries or self.BLOCK_ENTRIES) // self.embedding_dim // 64 * 64)
+        step = max(1, (entries or self.BLOCK_ENTRIES) // self.embedding_dim)
         for start in range(0, self.num_embeddings, step):
             end = min(start + step, self.num_embeddings)
             yield start, end, self.pruned_rows(start, end)
@@ -221,8 +218,9 @@ class PEPEmbedding(_FieldTable):
 
     @torch.no_grad()
     def pruned_rows(self, start, end):
-        """Rows start..end-1 of S(V, s), by the eager reference's formula (bitwise its
-        `soft_threshold` rows). Call `sync()` first under a `fast` optimizer (`pruned_row_blocks` does)."""
+        """Rows start..end-1 of S(V, s), by the lookup kernels (`soft_threshold_rows`): bitwise
+        what a lookup of those rows returns. Call `sync()` first under a `fast` optimizer
+        (`pruned_row_blocks` does)."""
         row_source, _ = mode_layout(self.threshold_mode)
         threshold = self.threshold.detach()
         if row_source == PER_ROW:
@@ -231,9 +229,9 @@ class PEPEmbedding(_FieldTable):
             ends = torch.cumsum(self.field_dims, 0)
             rows = torch.arange(start, end, device=ends.device)
             threshold = threshold[torch.searchsorted(ends, rows, right=True)]
-        weight = self.weight.detach()[start:end]
-        compute = torch.promote_types(weight.dtype, torch.float32)
-        return reference.soft_threshold_values(weight.to(compute), threshold.to(compute), self.gk).to(weight.dtype)
+        else:
+            threshold = threshold.reshape(1, -1).expand(end - start, -1)
+        return soft_threshold_rows(self.weight.detach()[start:end], threshold, self.gk)
 
     def nnz(self):
         """Number of non-zero entries of the pruned table (C++ kernel on CPU: no table copy)."""

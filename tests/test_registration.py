@@ -73,12 +73,14 @@ def compiled_parity(backend, mode, device):
     torch.testing.assert_close(comp_grads, eager_grads, **GRAD_TOL)
 
 
+@pytest.mark.compile
 @pytest.mark.parametrize("mode", ["feature_dim", "field"])
 def test_compile_fullgraph_cpu(mode):
     compiled_parity("cpu", mode, "cpu")
 
 
 @pytest.mark.gpu
+@pytest.mark.compile
 @pytest.mark.parametrize("mode", ["global", "feature_dim", "field_dim"])
 def test_compile_fullgraph_triton(mode):
     compiled_parity("triton", mode, "cuda")
