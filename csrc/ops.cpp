@@ -1,5 +1,6 @@
-// The one registration file: schemas of every pep_kernels C++ op and their CPU kernels.
-// Fake (meta) kernels and autograd are registered in Python (pep_kernels/ops/).
+// The one registration file: the schema of every pep_kernels op and its C++ kernels (CPU; the
+// store's CUDA kernels on CUDA builds). The Triton kernels of the lookup and optimizer ops are
+// registered for CUDA from Python, as are the fake kernels (pep_kernels/ops/).
 #include <torch/library.h>
 
 #include "optim.h"
@@ -7,12 +8,29 @@
 #include "store.h"
 
 TORCH_LIBRARY(pep_kernels, m) {
-  m.def("cpu_forward(Tensor ids, Tensor weight, Tensor threshold, str mode, float gk) -> Tensor");
-  m.def("cpu_backward(Tensor grad_out, Tensor ids, Tensor weight, Tensor threshold, str mode, float gk, "
+  // The soft-threshold lookup (PEP_SPEC sections 1-2). ids are flat; with field_offsets (F + 1
+  // row offsets) they are per-field local ids, lookup k in field k % F. The forward returns the
+  // output and the rows it read, which the backward takes. id_errors (int64 [4]) is where the
+  // CUDA kernels record an out-of-range id instead of reading it (pep_kernels/ops/ids.py); the
+  // CPU kernels raise at once.
+  m.def("soft_threshold_forward(Tensor ids, Tensor weight, Tensor threshold, str threshold_mode, float gk, "
+        "Tensor? field_offsets, Tensor(a!)? id_errors) -> (Tensor, Tensor)");
+  m.def("soft_threshold_backward(Tensor grad_out, Tensor rows, Tensor weight, Tensor threshold, str threshold_mode, float gk, "
         "bool sparse) -> (Tensor, Tensor, Tensor)");
-  m.def("cpu_backward_step(Tensor grad_out, Tensor ids, Tensor(a!)[] weight_state, Tensor(b!)[] threshold_state, "
-        "Tensor schedule, str mode, float gk, str kind, float[] hparams, int step) -> Tensor");
-  m.def("cpu_count_nonzero(Tensor weight, Tensor threshold, str mode, float gk, Tensor field_offsets) -> Tensor");
+  // A table with a fused row optimizer: the forward (rows caught up under `fast` Adam) and the
+  // backward that applies step `step + 1` and increments `step`.
+  m.def("soft_threshold_train_forward(Tensor ids, Tensor(a!)[] weight_state, Tensor(b!)[] threshold_state, "
+        "Tensor schedule, Tensor step, str threshold_mode, float gk, Tensor? field_offsets, str kind, float[] hparams, "
+        "Tensor(c!)? id_errors) -> (Tensor, Tensor)");
+  m.def("soft_threshold_backward_step(Tensor grad_out, Tensor rows, Tensor(a!)[] weight_state, "
+        "Tensor(b!)[] threshold_state, Tensor schedule, Tensor(c!) step, str threshold_mode, float gk, str kind, "
+        "float[] hparams, Tensor(d!)? id_errors) -> Tensor");
+  m.def("soft_threshold_count_nonzero(Tensor weight, Tensor threshold, str threshold_mode, float gk, Tensor field_offsets) "
+        "-> Tensor");
+  // MaskedEmbedding: a fixed mask instead of thresholds.
+  m.def("masked_embedding_forward(Tensor ids, Tensor weight, Tensor keep, Tensor? field_offsets, "
+        "Tensor(a!)? id_errors) -> (Tensor, Tensor)");
+  m.def("masked_embedding_backward(Tensor grad_out, Tensor rows, Tensor keep) -> Tensor");
   m.def("row_optimizer_step(Tensor(a!)[] state, Tensor rows, Tensor grads, Tensor schedule, str kind, "
         "float[] hparams, int step) -> ()");
   m.def("row_optimizer_catch_up(Tensor(a!)[] state, Tensor? rows, Tensor schedule, float[] hparams, "
@@ -25,10 +43,13 @@ TORCH_LIBRARY(pep_kernels, m) {
 }
 
 TORCH_LIBRARY_IMPL(pep_kernels, CPU, m) {
-  m.impl("cpu_forward", &pep_kernels::cpu_forward);
-  m.impl("cpu_backward", &pep_kernels::cpu_backward);
-  m.impl("cpu_backward_step", &pep_kernels::cpu_backward_step);
-  m.impl("cpu_count_nonzero", &pep_kernels::cpu_count_nonzero);
+  m.impl("soft_threshold_forward", &pep_kernels::soft_threshold_forward);
+  m.impl("soft_threshold_backward", &pep_kernels::soft_threshold_backward);
+  m.impl("soft_threshold_train_forward", &pep_kernels::soft_threshold_train_forward);
+  m.impl("soft_threshold_backward_step", &pep_kernels::soft_threshold_backward_step);
+  m.impl("soft_threshold_count_nonzero", &pep_kernels::soft_threshold_count_nonzero);
+  m.impl("masked_embedding_forward", &pep_kernels::masked_embedding_forward);
+  m.impl("masked_embedding_backward", &pep_kernels::masked_embedding_backward);
   m.impl("row_optimizer_step", &pep_kernels::row_optimizer_step);
   m.impl("row_optimizer_catch_up", &pep_kernels::row_optimizer_catch_up);
   m.impl("store_encode", &pep_kernels::store_encode);

@@ -6,7 +6,10 @@
 #include <c10/util/Exception.h>
 
 #include <array>
+#include <limits>
+#include <type_traits>
 #include <utility>
+#include <vector>
 
 #include "cpu_features.h"
 #include "optim.h"
@@ -68,13 +71,57 @@ void check_ids(const index_t* ids, int64_t n, int64_t num_rows) {
   }
 }
 
+// The rows the lookups read: `ids` (checked), or per-field local ids offset by their field's first
+// row (lookup k is in field k % F; each id checked against its field's size). int32 when every
+// row id fits, as the CUDA kernels write them (int32 keys sort faster there).
+at::Tensor lookup_rows(const at::Tensor& ids, const std::optional<at::Tensor>& field_offsets_in, int64_t num_rows) {
+  const bool narrow = num_rows < std::numeric_limits<int32_t>::max();
+  const auto dtype = narrow ? at::kInt : at::kLong;
+  if (!field_offsets_in.has_value()) {
+    AT_DISPATCH_INDEX_TYPES(ids.scalar_type(), "pep_lookup_rows", [&] {
+      check_ids(ids.data_ptr<index_t>(), ids.numel(), num_rows);
+    });
+    return ids.to(dtype);
+  }
+  const at::Tensor field_offsets = field_offsets_in->to(at::kLong).contiguous();
+  const int64_t num_fields = field_offsets.numel() - 1, n = ids.numel();
+  TORCH_CHECK_VALUE(field_offsets.dim() == 1 && num_fields >= 1, "field_offsets must be 1-D with F + 1 entries, got ",
+                    field_offsets.sizes());
+  TORCH_CHECK_VALUE(n % num_fields == 0, "per-field ids must come in whole samples of ", num_fields,
+                    " ids (one per field), got ", n);
+  const int64_t* offsets = field_offsets.data_ptr<int64_t>();
+  TORCH_CHECK_VALUE(offsets[0] == 0 && offsets[num_fields] == num_rows,
+                    "field_offsets must run from 0 to the table's ", num_rows, " rows, got ", offsets[0], " .. ",
+                    offsets[num_fields]);
+  for (int64_t f = 0; f < num_fields; ++f) {
+    TORCH_CHECK_VALUE(offsets[f] <= offsets[f + 1], "field_offsets must not decrease, got ", offsets[f], " then ",
+                      offsets[f + 1]);
+  }
+  at::Tensor rows = at::empty({n}, ids.options().dtype(dtype));
+  AT_DISPATCH_INDEX_TYPES(ids.scalar_type(), "pep_lookup_rows_fields", [&] {
+    const index_t* local = ids.data_ptr<index_t>();
+    const auto write = [&](auto* out) {
+      for (int64_t k = 0; k < n; ++k) {
+        const int64_t f = k % num_fields, id = local[k], size = offsets[f + 1] - offsets[f];
+        TORCH_CHECK_INDEX(id >= 0 && id < size, "id ", id, " in field ", f, " is out of range: that field has ",
+                          size, " values (valid local ids are 0..", size - 1, ")");
+        out[k] = static_cast<std::remove_pointer_t<decltype(out)>>(offsets[f] + id);
+      }
+    };
+    narrow ? write(rows.data_ptr<int32_t>()) : write(rows.data_ptr<int64_t>());
+  });
+  return rows;
+}
+
 // Grain: about 32K elements per task, so small batches stay on one thread.
 int64_t grain(int64_t elements_per_item) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(elements_per_item, 1)); }
 
 }  // namespace
 
-at::Tensor cpu_forward(const at::Tensor& ids_in, const at::Tensor& weight, const at::Tensor& threshold,
-                       std::string_view mode, double gk) {
+namespace {
+
+at::Tensor forward_rows(const at::Tensor& ids_in, const at::Tensor& weight, const at::Tensor& threshold,
+                        std::string_view mode, double gk) {
   check_inputs(ids_in, weight, threshold);
   const Layout layout = parse_mode(mode);
   const at::Tensor ids = ids_in.contiguous();
@@ -96,6 +143,17 @@ at::Tensor cpu_forward(const at::Tensor& ids_in, const at::Tensor& weight, const
     });
   });
   return out;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> soft_threshold_forward(const at::Tensor& ids, const at::Tensor& weight,
+                                                          const at::Tensor& threshold, std::string_view mode,
+                                                          double gk, const std::optional<at::Tensor>& field_offsets,
+                                                          const std::optional<at::Tensor>& /*id_errors*/) {
+  check_inputs(ids, weight, threshold);
+  at::Tensor rows = lookup_rows(ids.contiguous(), field_offsets, weight.size(0));
+  return {forward_rows(rows, weight, threshold, mode, gk), rows};
 }
 
 namespace {
@@ -202,7 +260,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     } else {
       total = layout.per_dim ? contrib.sum(0) : contrib.sum().reshape({1});
     }
-    const at::Tensor y = at::sigmoid(s);
+    // The gates by the kernels' sigmoid, not at::sigmoid (whose last bit depends on the vector width).
+    const at::Tensor y = at::empty(s.sizes(), s.options());
+    AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "pep_cpu_gates", [&] {
+      rows_base::sigmoid(s.contiguous().data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), s.numel());
+    });
     grad_s = (-(total.view_as(s) * gk) * (1 - y) * y).view(threshold.sizes());
   } else if (!sparse && grad_s.defined()) {
     grad_s = grad_s.view(threshold.sizes());
@@ -213,28 +275,67 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_backward(
-    const at::Tensor& grad_out, const at::Tensor& ids, const at::Tensor& weight,
-    const at::Tensor& threshold, std::string_view mode, double gk, bool sparse) {
-  return backward(grad_out, ids, weight, threshold, mode, gk, sparse, nullptr);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_threshold_backward(
+    const at::Tensor& grad_out, const at::Tensor& rows, const at::Tensor& weight, const at::Tensor& threshold,
+    std::string_view mode, double gk, bool sparse) {
+  return backward(grad_out, rows, weight, threshold, mode, gk, sparse, nullptr);
 }
 
-at::Tensor cpu_backward_step(const at::Tensor& grad_out, const at::Tensor& ids, at::TensorList weight_state,
-                             at::TensorList threshold_state, const at::Tensor& schedule, std::string_view mode,
-                             double gk, std::string_view kind_name, at::ArrayRef<double> hparams, int64_t step) {
-  const RowOptim kind = parse_optim(kind_name);
-  TORCH_CHECK_VALUE(kind != RowOptim::AdamDense,
-                    "adam_dense updates every row: take the sparse gradient and call row_optimizer_step");
+std::tuple<at::Tensor, at::Tensor> soft_threshold_train_forward(
+    const at::Tensor& ids, at::TensorList weight_state, at::TensorList threshold_state, const at::Tensor& schedule,
+    const at::Tensor& step, std::string_view mode, double gk, const std::optional<at::Tensor>& field_offsets,
+    std::string_view kind, at::ArrayRef<double> hparams, const std::optional<at::Tensor>& id_errors) {
   TORCH_CHECK_VALUE(!weight_state.empty() && !threshold_state.empty(),
                     "weight_state and threshold_state must start with the weight and the threshold");
-  const FusedStep fused{weight_state, threshold_state, schedule, kind, hparams, step};
-  at::Tensor grad_s = std::get<1>(backward(grad_out, ids, weight_state[0], threshold_state[0], mode, gk,
-                                           /*sparse=*/true, &fused));
-  return grad_s.defined() ? grad_s : at::empty({0}, threshold_state[0].options());
+  const at::Tensor& weight = weight_state[0];
+  const at::Tensor& threshold = threshold_state[0];
+  check_inputs(ids, weight, threshold);
+  const at::Tensor rows = lookup_rows(ids.contiguous(), field_offsets, weight.size(0));
+  const int64_t steps = step.item<int64_t>();
+  if (parse_optim(kind) == RowOptim::Adam && steps > 0) {
+    // W and a per-row threshold share their rows: caught up in one pass over the ids.
+    std::vector<at::Tensor> state(weight_state.begin(), weight_state.end());
+    if (threshold_state.size() == 4) state.insert(state.end(), threshold_state.begin(), threshold_state.end());
+    row_optimizer_catch_up(state, rows.to(at::kLong), schedule, hparams, steps);
+  }
+  return {forward_rows(rows, weight, threshold, mode, gk), rows};
 }
 
-at::Tensor cpu_count_nonzero(const at::Tensor& weight, const at::Tensor& threshold, std::string_view mode, double gk,
-                          const at::Tensor& field_offsets_in) {
+at::Tensor soft_threshold_backward_step(const at::Tensor& grad_out, const at::Tensor& rows,
+                                        at::TensorList weight_state, at::TensorList threshold_state,
+                                        const at::Tensor& schedule, const at::Tensor& step, std::string_view mode,
+                                        double gk, std::string_view kind_name, at::ArrayRef<double> hparams,
+                                        const std::optional<at::Tensor>& /*id_errors*/) {
+  const RowOptim kind = parse_optim(kind_name);
+  TORCH_CHECK_VALUE(!weight_state.empty() && !threshold_state.empty(),
+                    "weight_state and threshold_state must start with the weight and the threshold");
+  TORCH_CHECK_VALUE(step.dim() == 0 && step.scalar_type() == at::kLong && step.device().is_cpu(),
+                    "step must be a 0-d int64 CPU tensor (the steps taken), got ", step.scalar_type(), " of shape ",
+                    step.sizes());
+  const int64_t next = step.item<int64_t>() + 1;
+  const bool per_row = parse_mode(mode).rows == RowSource::PerRow;
+  at::Tensor grad_s;
+  if (kind == RowOptim::AdamDense) {
+    // Every row takes the step: the sparse gradients, then the dense update.
+    auto [grad_w, grad_threshold, distinct] =
+        backward(grad_out, rows, weight_state[0], threshold_state[0], mode, gk, /*sparse=*/true, nullptr);
+    row_optimizer_step(weight_state, distinct, grad_w, schedule, kind_name, hparams, next);
+    if (per_row) {
+      row_optimizer_step(threshold_state, distinct, grad_threshold, schedule, kind_name, hparams, next);
+    } else {
+      grad_s = grad_threshold;
+    }
+  } else {
+    const FusedStep fused{weight_state, threshold_state, schedule, kind, hparams, next};
+    grad_s = std::get<1>(backward(grad_out, rows, weight_state[0], threshold_state[0], mode, gk,
+                                  /*sparse=*/true, &fused));
+  }
+  step.fill_(next);
+  return grad_s.defined() && !per_row ? grad_s : at::empty({0}, threshold_state[0].options());
+}
+
+at::Tensor soft_threshold_count_nonzero(const at::Tensor& weight, const at::Tensor& threshold, std::string_view mode,
+                                        double gk, const at::Tensor& field_offsets_in) {
   check_inputs(at::empty({0}, weight.options().dtype(at::kLong)), weight, threshold);
   const Layout layout = parse_mode(mode);
   const int64_t num_rows = weight.size(0), d = weight.size(1);
@@ -258,6 +359,34 @@ at::Tensor cpu_count_nonzero(const at::Tensor& weight, const at::Tensor& thresho
     }, std::plus<int64_t>());
   });
   return at::scalar_tensor(total, at::kLong);
+}
+
+}  // namespace pep_kernels
+
+namespace pep_kernels {
+
+std::tuple<at::Tensor, at::Tensor> masked_embedding_forward(const at::Tensor& ids, const at::Tensor& weight,
+                                                            const at::Tensor& keep,
+                                                            const std::optional<at::Tensor>& field_offsets,
+                                                            const std::optional<at::Tensor>& /*id_errors*/) {
+  TORCH_CHECK_TYPE(ids.scalar_type() == at::kInt || ids.scalar_type() == at::kLong,
+                   "ids must be int32 or int64, got ", ids.scalar_type());
+  TORCH_CHECK_VALUE(weight.dim() == 2 && keep.sizes() == weight.sizes() && keep.scalar_type() == at::kBool,
+                    "keep must be a bool mask of the weight's shape ", weight.sizes(), ", got ", keep.scalar_type(),
+                    " of shape ", keep.sizes());
+  TORCH_CHECK_VALUE(ids.device().is_cpu() && weight.device().is_cpu() && keep.device().is_cpu(),
+                    "the CPU kernel needs CPU tensors");
+  at::Tensor rows = lookup_rows(ids.reshape({-1}).contiguous(), field_offsets, weight.size(0));
+  // where, not a product with the mask: a pruned entry reads +0, bit for bit the pruned table.
+  at::Tensor out = at::where(keep.index_select(0, rows), weight.index_select(0, rows), at::zeros({}, weight.options()));
+  return {out, rows};
+}
+
+at::Tensor masked_embedding_backward(const at::Tensor& grad_out, const at::Tensor& rows, const at::Tensor& keep) {
+  TORCH_CHECK_VALUE(grad_out.dim() == 2 && grad_out.size(0) == rows.numel() && grad_out.size(1) == keep.size(1),
+                    "grad_out must have shape (", rows.numel(), ", ", keep.size(1), "), got ", grad_out.sizes());
+  const at::Tensor masked = at::where(keep.index_select(0, rows), grad_out, at::zeros({}, grad_out.options()));
+  return at::zeros({keep.size(0), keep.size(1)}, grad_out.options()).index_add_(0, rows, masked);
 }
 
 }  // namespace pep_kernels

@@ -77,6 +77,9 @@ struct CountArgs {
   /* Non-zeros of the soft-thresholded rows [begin, end). */                                     \
   int64_t count_nonzero(const CountArgs<float>& a, int64_t begin, int64_t end);                  \
   int64_t count_nonzero(const CountArgs<double>& a, int64_t begin, int64_t end);                 \
+  /* y[i] = sigmoid(x[i]), the kernels' own (the same bits on every instruction set). */         \
+  void sigmoid(const float* x, float* y, int64_t n);                                             \
+  void sigmoid(const double* x, double* y, int64_t n);                                           \
   }
 
 PEP_DECLARE_ROW_KERNELS(rows_base)

@@ -76,8 +76,9 @@ def check_gk(gk):
     return float(gk)
 
 
-def check_lookup(indices, weight, threshold, mode, gk):
-    """Validates everything about a lookup except the id values; returns gk as a float."""
+def check_lookup(indices, weight, threshold, mode, gk, field_offsets=None):
+    """Validates everything about a lookup except the id values (and the values of
+    `field_offsets`, which would take a host read on GPU); returns gk as a float."""
     row_source, _ = mode_layout(mode)
     for name, t in (("indices", indices), ("weight", weight), ("threshold", threshold)):
         if not isinstance(t, torch.Tensor):
@@ -100,6 +101,9 @@ def check_lookup(indices, weight, threshold, mode, gk):
             f"indices, weight and threshold must be on one device, got {indices.device}, "
             f"{weight.device} and {threshold.device}"
         )
+    check_ids_shape(indices, field_offsets)
+    if field_offsets is not None and field_offsets.device != weight.device:
+        raise ValueError(f"field_offsets must be on the table's device {weight.device}, got {field_offsets.device}")
     num_fields = None
     if row_source == PER_FIELD:
         if indices.dim() == 0:
@@ -113,6 +117,21 @@ def check_lookup(indices, weight, threshold, mode, gk):
             f"{tuple(weight.shape)} table{extra}, got {tuple(threshold.shape)}"
         )
     return check_gk(gk)
+
+
+def check_ids_shape(indices, field_offsets=None):
+    """TypeError unless `indices` is an int32/int64 tensor; with `field_offsets` ((F + 1,) int64:
+    0, then the cumulative field sizes) ValueError unless its last axis holds one id per field."""
+    if not isinstance(indices, torch.Tensor) or indices.dtype not in INDEX_DTYPES:
+        raise TypeError(f"indices must be an int32 or int64 tensor, got {getattr(indices, 'dtype', type(indices).__name__)}")
+    if field_offsets is None:
+        return
+    if not isinstance(field_offsets, torch.Tensor) or field_offsets.dtype != torch.int64 or field_offsets.dim() != 1:
+        raise TypeError(f"field_offsets must be a 1-D int64 tensor (0, then the cumulative field sizes), got "
+                        f"{field_offsets!r}")
+    if indices.dim() == 0 or indices.shape[-1] != field_offsets.numel() - 1:
+        raise ValueError(f"ids must have shape (..., {field_offsets.numel() - 1}) (one id per field), got "
+                         f"{tuple(indices.shape)}")
 
 
 def check_ids_in_range(indices, num_embeddings):

@@ -82,11 +82,11 @@ except ImportError as error:  # the optional extras
         "pip install --no-deps -r requirements-torchrec.txt") from error
 
 from . import reference
-from ._validation import (PER_FIELD, PER_ROW, check_field_dims, check_gk, check_ids_in_range, initial_thresholds,
-                          mode_layout, threshold_shape)
+from ._validation import PER_FIELD, PER_ROW, check_gk, check_ids_in_range, initial_thresholds, mode_layout, threshold_shape
 from .functional import resolve_backend, soft_threshold_embedding, soft_threshold_rows
+from .modules import register_field_dims
 from .ops.indices import offset_field_ids
-from .ops import optim as optim_ops
+from .ops.soft_threshold import kernels
 from .optim import SGD, Adagrad, Adam, RowOptimizer
 from .store import SparseRowStore
 
@@ -139,7 +139,7 @@ class _ShardedTable(nn.Module):
         self.world_size = dist.get_world_size(self.process_group)
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.sharding, self.optimizer = sharding, optimizer
-        self._set_field_dims(field_dims, device)
+        register_field_dims(self, field_dims, num_embeddings, device)
         self.table_width = -(-(embedding_dim + extra_columns) // 4) * 4
         beside = extra_name if extra_columns else None
         if beside is None and self.table_width != embedding_dim:
@@ -191,9 +191,8 @@ class _ShardedTable(nn.Module):
         return args, {**kwargs, "offsets": offsets}
 
     def _adam_schedule(self, step):
-        """Adam's per-step factors up to `step`, grown by doubling (as `PEPEmbedding` does)."""
-        if self._schedule is None or self._schedule.shape[1] <= step:
-            self._schedule = self.optimizer.schedule(max(1024, 2 * step), torch.float32, self.optimizer_step.device)
+        """Adam's per-step factors up to `step` (as `PEPEmbedding` keeps them)."""
+        self._schedule = self.optimizer.grown_schedule(self._schedule, step, torch.float32, self.optimizer_step.device)
         return self._schedule
 
     @torch.no_grad()
@@ -205,8 +204,8 @@ class _ShardedTable(nn.Module):
         self._looked_up.clear()
         grads = weights.grad.view(-1, self.table_width)[rows]
         weights.grad = None
-        optim_ops.row_optimizer_step(self._adam_state, rows, grads, self._adam_schedule(step), self.optimizer.kind,
-                                     self.optimizer.hparams(), step, self._optimizer_backend)
+        kernels(self._optimizer_backend).row_optimizer_step(self._adam_state, rows, grads, self._adam_schedule(step),
+                                                            self.optimizer.kind, self.optimizer.hparams(), step)
         self.optimizer_step.fill_(step)
 
     def _catch_up(self, rows):
@@ -215,15 +214,8 @@ class _ShardedTable(nn.Module):
         if self._tbe is None or self.optimizer.mode != "fast" or step == 0:
             return
         with torch.no_grad():
-            optim_ops.row_optimizer_catch_up(self._adam_state, rows, self._adam_schedule(step),
-                                             self.optimizer.hparams(), step, self._optimizer_backend)
-
-    def _set_field_dims(self, field_dims, device):
-        if field_dims is None:
-            self.field_dims = None
-            return
-        field_dims = check_field_dims(field_dims, self.num_embeddings)
-        self.register_buffer("field_dims", torch.tensor(field_dims, device=device), persistent=False)
+            kernels(self._optimizer_backend).row_optimizer_catch_up(self._adam_state, rows, self._adam_schedule(step),
+                                                                    self.optimizer.hparams(), step)
 
     def local_shards(self):
         """[(first row, shard tensor (rows, table_width))] of this rank: views of FBGEMM's table,

@@ -1,45 +1,99 @@
-"""The functional API: validates inputs and dispatches to a backend by device."""
+"""The functional API: validates inputs, checks ids, and calls the lookup ops (the dispatcher runs
+the C++ kernel for CPU tensors and the Triton kernel for CUDA tensors)."""
 
 import torch
 
 from . import reference
-from ._validation import check_gk, check_lookup
-from .ops.soft_threshold import SoftThresholdEmbeddingFunction, _cpu_ops, _triton_ops
+from ._validation import check_gk, check_ids_in_range, check_lookup
+from .ops.indices import BOUNDS_CHECKS, DeferredIdErrors, check_field_ids, offset_field_ids
+from .ops.soft_threshold import SoftThresholdEmbeddingFunction, kernels
 
 BACKENDS = ("auto", "triton", "cpu", "reference")
 
+# The deferred id checks of functional calls that bring none of their own, one per device.
+_FUNCTIONAL_ID_ERRORS = {}
+
 
 def resolve_backend(backend, device):
-    """'auto' -> Triton for CUDA tensors, the C++ kernels for CPU tensors."""
+    """The backend, checked: "auto" (the dispatcher picks C++ for CPU tensors, Triton for CUDA
+    tensors), "triton" (the Triton kernels, also on CPU tensors under TRITON_INTERPRET=1, for
+    testing), "cpu" (the C++ kernels, CPU tensors only) or "reference" (eager PyTorch)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
-    if backend == "auto":
-        return "triton" if device.type == "cuda" else "cpu"
     if backend == "cpu" and device.type != "cpu":
         raise ValueError(f"backend 'cpu' needs CPU tensors, got tensors on {device}")
     return backend
 
 
+def resolve_bounds_check(bounds_check, device):
+    """"strict" or "deferred"; None picks "strict" on CPU (where checking costs no sync) and
+    "deferred" on GPU."""
+    if bounds_check is None:
+        return "strict" if device.type == "cpu" else "deferred"
+    if bounds_check not in BOUNDS_CHECKS:
+        raise ValueError(f"unknown bounds_check {bounds_check!r}; expected one of {BOUNDS_CHECKS}")
+    return bounds_check
+
+
+def prepare_id_check(indices, num_rows, field_offsets, backend, bounds_check, id_errors):
+    """Checks the ids now ("strict": raises before any kernel runs; on a GPU one host sync), or
+    returns the `DeferredIdErrors` the kernels record into ("deferred": polled first, so that an
+    error of an earlier call is raised now if its record has reached the host). The C++ kernels
+    check ids themselves and raise at once: nothing to do or to defer for them."""
+    device = indices.device
+    bounds_check = resolve_bounds_check(bounds_check, device)
+    if device.type == "cpu" and backend != "triton":
+        return None
+    if bounds_check == "strict":
+        if field_offsets is not None:
+            check_field_ids(indices, field_offsets.diff())
+        else:
+            check_ids_in_range(indices, num_rows)
+        return None
+    if id_errors is None:
+        id_errors = _FUNCTIONAL_ID_ERRORS.get(device)
+        if id_errors is None:
+            id_errors = _FUNCTIONAL_ID_ERRORS[device] = DeferredIdErrors(device)
+    id_errors.poll()
+    return id_errors
+
+
 def soft_threshold_embedding(
-    indices, weight, threshold, *, mode="feature_dim", gk=1.0, sparse=False, deterministic=False, backend="auto"
+    indices, weight, threshold, *, mode="feature_dim", gk=1.0, sparse=False, backend="auto", field_offsets=None,
+    bounds_check=None, id_errors=None,
 ):
     """Soft-thresholded embedding lookup (PEP): `indices.shape + (d,)`.
 
         out = sign(W[indices]) * relu(|W[indices]| - gk * sigmoid(s[...]))
 
     `threshold` has the shape of its `mode` (see `threshold_shape`); for the field modes the last
-    axis of `indices` is the field axis and its size must equal `threshold.shape[0]`.
-    `sparse=True` gives coalesced row-sparse gradients for `weight` and for per-row thresholds
-    (`feature`, `feature_dim`), like `nn.Embedding(sparse=True)`. `deterministic=True`
-    accumulates duplicate ids in sorted order, so gradients are bitwise repeatable; the default
-    Triton path adds them with atomics (faster, summation order not fixed). The CPU kernel is
-    deterministic either way; the reference follows torch's own settings.
+    axis of `indices` is the field axis and its size must equal `threshold.shape[0]`. With
+    `field_offsets` ((F + 1,) int64: 0, then the cumulative field sizes) `indices` are per-field
+    local ids (..., F), offset and checked per field by the kernels. `sparse=True` gives
+    row-sparse gradients for `weight` and for per-row thresholds (`feature`, `feature_dim`), like
+    `nn.Embedding(sparse=True)`: coalesced on CPU; on GPU one entry per lookup (uncoalesced, as
+    torch makes them; coalescing would need the number of distinct rows on the host). The
+    backward is deterministic on every backend (each row's lookups are summed in a fixed order).
+
+    `bounds_check`: "strict" raises IndexError before any kernel runs (on GPU it reads the ids
+    back: one host sync); "deferred" has the GPU kernels mask an out-of-range id (never read,
+    zeros out, no gradient) and record it in `id_errors` (a `DeferredIdErrors`; by default one
+    per device for functional calls), and the IndexError naming the id, its position and the valid
+    range is raised by a later call once the record has reached the host without blocking, or by
+    `id_errors.wait()`. None: strict on CPU, deferred on GPU. The C++ kernels always raise at once.
     """
-    gk = check_lookup(indices, weight, threshold, mode, gk)
+    gk = check_lookup(indices, weight, threshold, mode, gk, field_offsets)
     backend = resolve_backend(backend, weight.device)
     if backend == "reference":
+        if field_offsets is not None:
+            indices = offset_field_ids(indices, field_offsets.diff())
         return reference.soft_threshold_embedding(indices, weight, threshold, mode, gk, sparse)
-    return SoftThresholdEmbeddingFunction.apply(indices, weight, threshold, mode, gk, sparse, deterministic, backend)
+    errors = prepare_id_check(indices, weight.shape[0], field_offsets, backend, bounds_check, id_errors)
+    out = SoftThresholdEmbeddingFunction.apply(indices, weight, threshold, mode, gk, sparse, field_offsets,
+                                               None if errors is None else errors.record, backend)
+    if errors is not None:
+        errors.after_launch()
+    return out
 
 
 @torch.no_grad()
@@ -51,7 +105,7 @@ def soft_threshold_rows(weight, threshold_rows, gk=1.0):
     So a pruned table is what its lookups return, bit for bit, and it does not depend on how the
     rows are split into blocks or on the CPU's vector width (torch's vectorised sigmoid rounds
     the tail of a tensor differently from its body, and AVX-512 from AVX2). Half-precision tables
-    are computed in float32 and rounded once, as the lookups do.
+    are computed in float32 on CPU and rounded once, as the lookups do.
     """
     gk = check_gk(gk)
     if weight.dim() != 2 or threshold_rows.dim() != 2 or threshold_rows.shape[0] != weight.shape[0] \
@@ -60,7 +114,10 @@ def soft_threshold_rows(weight, threshold_rows, gk=1.0):
                          f"{tuple(threshold_rows.shape)}")
     mode = "feature_dim" if threshold_rows.shape[1] == weight.shape[1] else "feature"
     ids = torch.arange(weight.shape[0], device=weight.device)
-    if weight.is_cuda:
-        return _triton_ops()[0](ids, weight, threshold_rows, mode, gk)
-    compute = torch.promote_types(weight.dtype, torch.float32)
-    return _cpu_ops()[0](ids, weight.to(compute), threshold_rows.to(compute), mode, gk).to(weight.dtype)
+    if not weight.is_cuda:  # the C++ kernels take float32 and float64
+        compute = torch.promote_types(weight.dtype, torch.float32)
+        weight, threshold_rows, dtype = weight.to(compute), threshold_rows.to(compute), weight.dtype
+    else:
+        dtype = weight.dtype
+    out, _ = kernels("auto").soft_threshold_forward(ids, weight, threshold_rows, mode, gk, None, None)
+    return out.to(dtype)

@@ -1,27 +1,31 @@
 """nn.Modules over the functional layer: they hold parameters, the functional ops do the work."""
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ._validation import (PER_FIELD, PER_ROW, check_field_dims, check_gk, check_ids_in_range, check_lookup,
+from ._validation import (PER_FIELD, PER_ROW, check_field_dims, check_gk, check_ids_shape, check_lookup,
                           initial_thresholds, mode_layout, threshold_shape)
-from .functional import resolve_backend, soft_threshold_embedding, soft_threshold_rows
-from .ops import optim as optim_ops
-from .ops.indices import distinct_ids, offset_field_ids
+from .functional import prepare_id_check, resolve_backend, soft_threshold_embedding, soft_threshold_rows
+from .ops.indices import DeferredIdErrors, offset_field_ids
+from .ops.optim import FusedStepFunction
+from .ops.soft_threshold import MaskedEmbeddingFunction, expand_threshold, kernels
 from .optim import Adam, RowOptimizer
+
+
+def register_field_dims(module, field_dims, num_rows, device):
+    """Validates `field_dims` against a table of `num_rows` rows and keeps them as buffers of
+    `module`: `field_dims` (F,) and `field_offsets` (F + 1,) int64, the first row of each field
+    and the end (both None for global ids)."""
+    if field_dims is None:
+        module.field_dims = module.field_offsets = None
+        return
+    sizes = torch.tensor(check_field_dims(field_dims, num_rows), device=device)
+    module.register_buffer("field_dims", sizes, persistent=False)
+    module.register_buffer("field_offsets", torch.nn.functional.pad(torch.cumsum(sizes, 0), (1, 0)), persistent=False)
 
 
 class _FieldTable(nn.Module):
     """What every table module shares: the per-field id contract and the counts of its pruned table."""
-
-    def _set_field_dims(self, field_dims, num_rows, device):
-        """Validates `field_dims` against the table and keeps it as a buffer (None: global ids)."""
-        if field_dims is None:
-            self.field_dims = None
-            return
-        self.register_buffer("field_dims", torch.tensor(check_field_dims(field_dims, num_rows), device=device),
-                             persistent=False)
 
     # entries of a block of `pruned_row_blocks`: 1 MiB of fp32, so that a block and its temporaries
     # stay in the CPU caches and the allocator reuses them (4M-entry blocks were page-faulted
@@ -82,13 +86,14 @@ class PEPEmbedding(_FieldTable):
     With `optimizer` (a `pep_kernels.optim` rule) the table trains itself: the backward updates
     the looked-up rows of W and of per-row thresholds in place, and their `.grad` stays None
     (see `pep_kernels.optim`). The optimizer state is kept in buffers, so `state_dict` holds it;
-    `sparse` and `deterministic` do not apply then (no gradient is made; the CPU update is
-    deterministic, the Triton one adds duplicate ids with atomics).
+    the step counter `optimizer_step` lives on the table's device (no host sync per step, CUDA
+    graphs replay it); `sparse` does not apply then. `bounds_check` is `soft_threshold_embedding`'s:
+    a deferred id error is raised at the next call, or by `sync()`, `nnz()` or `state_dict()`.
     """
 
     def __init__(
         self, num_embeddings, embedding_dim, *, threshold_mode="feature_dim", threshold_init=-15.0, threshold_slope=0.0,
-        gk=1.0, field_dims=None, sparse=False, deterministic=False, backend="auto", optimizer=None, device=None,
+        gk=1.0, field_dims=None, sparse=False, backend="auto", optimizer=None, bounds_check=None, device=None,
         dtype=None,
     ):
         super().__init__()
@@ -97,17 +102,18 @@ class PEPEmbedding(_FieldTable):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if field_dims is None and mode_layout(threshold_mode)[0] == PER_FIELD:
             raise ValueError(f"threshold_mode {threshold_mode!r} needs field_dims")
-        self._set_field_dims(field_dims, num_embeddings, device)
+        register_field_dims(self, field_dims, num_embeddings, device)
         resolve_backend(backend, torch.device("cpu") if device is None else torch.device(device))
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.threshold_mode, self.gk = threshold_mode, check_gk(gk)
-        self.sparse, self.deterministic, self.backend = sparse, deterministic, backend
+        self.sparse, self.backend, self.bounds_check = sparse, backend, bounds_check
         self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim, device=device, dtype=dtype))
         num_fields = None if self.field_dims is None else self.field_dims.numel()
         shape = threshold_shape(threshold_mode, num_embeddings, embedding_dim, num_fields)
         self.threshold = nn.Parameter(initial_thresholds(threshold_mode, shape, threshold_init, threshold_slope,
                                                          device, dtype))
         nn.init.xavier_uniform_(self.weight)
+        self.id_errors = DeferredIdErrors(device)
         self._set_optimizer(optimizer)
 
     def _set_optimizer(self, optimizer):
@@ -119,7 +125,8 @@ class PEPEmbedding(_FieldTable):
         if self.backend == "reference":
             raise ValueError("a fused optimizer needs backend 'auto', 'cpu' or 'triton', not 'reference'")
         self.register_buffer("optimizer_step", torch.zeros((), dtype=torch.int64, device=self.weight.device))
-        # optimizer_step as an int, so that a step reads no GPU scalar; refreshed after a load.
+        # The step count on the host, so that a step reads no device scalar; unknown (None) after a
+        # CUDA graph captured steps (its replays step on the device only), read again when needed.
         self._steps = 0
         self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "_steps", None))
         for name in self._optimized_parameters():
@@ -141,76 +148,93 @@ class PEPEmbedding(_FieldTable):
         state = {key: getattr(self, f"{name}_{key}") for key in self.optimizer.state_shapes(param)}
         empty = param.new_empty(0)
         return [param, state.get("exp_avg", state.get("sum", empty)), state.get("exp_avg_sq", empty),
-                state.get("last_step", empty.long())]
+                state.get("last_step", param.new_empty(0, dtype=torch.int64))]
 
-    def _adam_schedule(self, step):
-        """Adam's per-step factors up to `step`, grown by doubling (empty for other rules)."""
-        if not isinstance(self.optimizer, Adam):
-            return self.weight.new_empty(0)
-        if self._schedule is None or self._schedule.shape[1] <= step:
-            capacity = max(1024, 2 * step)
-            self._schedule = self.optimizer.schedule(capacity, self.weight.dtype, self.weight.device)
-        return self._schedule
+    def _training_state(self):
+        """(W's state, the threshold's state or [threshold]): what the fused ops take."""
+        weight_state = self._optimizer_state("weight")
+        threshold_state = (self._optimizer_state("threshold") if "threshold" in self._optimized_parameters()
+                           else [self.threshold.detach()])
+        return weight_state, threshold_state
 
-    def _kernel_backend(self):
-        return resolve_backend(self.backend, self.weight.device)
+    def known_steps(self):
+        """The optimizer steps taken, as known on the host without a sync (None when unknown)."""
+        return self._steps
 
     def optimizer_steps(self):
-        """How many steps the fused optimizer has taken (the `optimizer_step` buffer)."""
+        """How many steps the fused optimizer has taken (reads the device counter if the host
+        count is unknown)."""
         if self._steps is None:
             self._steps = int(self.optimizer_step)
         return self._steps
 
-    def _catch_up(self, rows, distinct=False):
-        """Adam `fast`: replays the skipped steps of `rows` (None: every row; `distinct`: see
-        `optim_ops.row_optimizer_catch_up`)."""
-        step = self.optimizer_steps()
-        if not (isinstance(self.optimizer, Adam) and self.optimizer.mode == "fast") or step == 0:
-            return
-        schedule = self._adam_schedule(step)
-        # W and per-row thresholds in one pass over the ids.
-        state = [t for name in self._optimized_parameters() for t in self._optimizer_state(name)]
-        with torch.no_grad():
-            optim_ops.row_optimizer_catch_up(state, rows, schedule, self.optimizer.hparams(), step,
-                                             self._kernel_backend(), distinct)
+    def _adam_schedule(self):
+        """Adam's per-step factors, covering the next step (empty for other rules)."""
+        if not isinstance(self.optimizer, Adam):
+            return self.weight.new_empty(0)
+        if self._steps is None and self.weight.is_cuda and torch.cuda.is_current_stream_capturing():
+            return self._schedule  # inside a capture after replays: the kernels report a step past it
+        self._schedule = self.optimizer.grown_schedule(self._schedule, self.optimizer_steps() + 1, self.weight.dtype,
+                                                       self.weight.device)
+        return self._schedule
 
     def sync(self):
-        """Brings every row up to date (a no-op unless the optimizer is `fast` Adam)."""
-        if self.optimizer is not None:
-            self._catch_up(None)
+        """Brings every row up to date (a no-op unless the optimizer is `fast` Adam) and raises a
+        deferred id error if the kernels recorded one (waits for the device)."""
+        self.id_errors.wait()
+        if self.optimizer is None or not (isinstance(self.optimizer, Adam) and self.optimizer.mode == "fast"):
+            return
+        step = self.optimizer_steps()
+        if step == 0:
+            return
+        # W and per-row thresholds in one pass.
+        state = [t for name in self._optimized_parameters() for t in self._optimizer_state(name)]
+        with torch.no_grad():
+            kernels(self.backend).row_optimizer_catch_up(state, None, self._adam_schedule(), self.optimizer.hparams(),
+                                                         step)
 
-    def backward_step(self, grad_out, ids, backend, distinct=None):
-        """Called by the fused lookup's backward: one optimizer step on the looked-up rows."""
-        step = self.optimizer_steps() + 1
-        weight_state = self._optimizer_state("weight")
-        threshold_state = (self._optimizer_state("threshold") if "threshold" in self._optimized_parameters()
-                           else [self.threshold.detach()])
-        grad_s = optim_ops.backward_step(
-            grad_out, ids, weight_state, threshold_state, self._adam_schedule(step), self.threshold_mode,
-            self.gk, self.optimizer.kind, self.optimizer.hparams(), step, backend, distinct)
-        self.optimizer_step.fill_(step)
-        self._steps = step
-        return grad_s
+    def train_forward(self, ids, backend, errors):
+        """The fused lookup's forward (`FusedStepFunction`): (out, rows) of the flat ids; `errors`
+        the `DeferredIdErrors` the kernels record into, or None."""
+        weight_state, threshold_state = self._training_state()
+        return kernels(backend).soft_threshold_train_forward(
+            ids, weight_state, threshold_state, self._adam_schedule(), self.optimizer_step, self.threshold_mode,
+            self.gk, self.field_offsets, self.optimizer.kind, self.optimizer.hparams(),
+            None if errors is None else errors.record)
+
+    def backward_step(self, grad_out, rows, backend):
+        """The fused lookup's backward: one optimizer step on the looked-up rows; returns the
+        gradient of a shared threshold (None for per-row thresholds, updated here)."""
+        weight_state, threshold_state = self._training_state()
+        grad_s = kernels(backend).soft_threshold_backward_step(
+            grad_out, rows, weight_state, threshold_state, self._adam_schedule(), self.optimizer_step,
+            self.threshold_mode, self.gk, self.optimizer.kind, self.optimizer.hparams(), self.id_errors.record)
+        capturing = self.weight.is_cuda and torch.cuda.is_current_stream_capturing()
+        self._steps = None if capturing or self._steps is None else self._steps + 1
+        return None if "threshold" in self._optimized_parameters() else grad_s
 
     def forward(self, indices):
-        if self.field_dims is not None:
-            indices = offset_field_ids(indices, self.field_dims)
         if self.optimizer is None:
             return soft_threshold_embedding(
-                indices, self.weight, self.threshold, mode=self.threshold_mode, gk=self.gk,
-                sparse=self.sparse, deterministic=self.deterministic, backend=self.backend,
+                indices, self.weight, self.threshold, mode=self.threshold_mode, gk=self.gk, sparse=self.sparse,
+                backend=self.backend, field_offsets=self.field_offsets, bounds_check=self.bounds_check,
+                id_errors=self.id_errors,
             )
-        check_lookup(indices, self.weight, self.threshold, self.threshold_mode, self.gk)
-        backend = self._kernel_backend()
-        ids = indices.reshape(-1)
-        if backend == "triton":
-            # One deduplication (and host sync) per step: the range check, the catch-up and the backward share it.
-            distinct = distinct_ids(ids, self.num_embeddings)
-            self._catch_up(distinct[0], distinct=True)
-        else:
-            distinct = None
-            self._catch_up(ids.long())  # the C++ op checks the ids
-        return optim_ops.FusedStepFunction.apply(indices, self.weight, self.threshold, self, backend, distinct)
+        return self._fused_lookup(indices)
+
+    # Outside torch.compile's graphs: the step's host-side bookkeeping (the step count, the Adam
+    # schedule, the id check) is Python state that a compiled graph would bake in. The rest of a
+    # compiled model compiles around it; CUDA graphs capture it whole (mode="reduce-overhead").
+    @torch.compiler.disable
+    def _fused_lookup(self, indices):
+        check_lookup(indices, self.weight, self.threshold, self.threshold_mode, self.gk, self.field_offsets)
+        backend = resolve_backend(self.backend, self.weight.device)
+        errors = prepare_id_check(indices, self.num_embeddings, self.field_offsets, backend, self.bounds_check,
+                                  self.id_errors)
+        out = FusedStepFunction.apply(indices, self.weight, self.threshold, self, backend, errors)
+        if errors is not None:
+            errors.after_launch()
+        return out
 
     def pruned_row_blocks(self, entries=None):
         self.sync()
@@ -221,33 +245,26 @@ class PEPEmbedding(_FieldTable):
         """Rows start..end-1 of S(V, s), by the lookup kernels (`soft_threshold_rows`): bitwise
         what a lookup of those rows returns. Call `sync()` first under a `fast` optimizer
         (`pruned_row_blocks` does)."""
-        row_source, _ = mode_layout(self.threshold_mode)
-        threshold = self.threshold.detach()
-        if row_source == PER_ROW:
-            threshold = threshold[start:end]
-        elif row_source == PER_FIELD:
-            ends = torch.cumsum(self.field_dims, 0)
-            rows = torch.arange(start, end, device=ends.device)
-            threshold = threshold[torch.searchsorted(ends, rows, right=True)]
-        else:
-            threshold = threshold.reshape(1, -1).expand(end - start, -1)
+        threshold = expand_threshold(self.threshold.detach(), mode_layout(self.threshold_mode)[0], start, end,
+                                     self.field_offsets)
         return soft_threshold_rows(self.weight.detach()[start:end], threshold, self.gk)
 
     def nnz(self):
-        """Number of non-zero entries of the pruned table (C++ kernel on CPU: no table copy)."""
-        if self.weight.is_cuda or self.weight.dtype not in (torch.float32, torch.float64):
+        """Number of non-zero entries of the pruned table (by the kernels: no table copy)."""
+        if self.weight.dtype not in (torch.float32, torch.float64) or (self.weight.is_cuda and
+                                                                         self.weight.dtype == torch.float64):
             return super().nnz()
         self.sync()
-        offsets = torch.zeros(1, dtype=torch.int64) if self.field_dims is None else \
-            torch.nn.functional.pad(torch.cumsum(self.field_dims.cpu(), 0), (1, 0))
-        return int(torch.ops.pep_kernels.cpu_count_nonzero(
-            self.weight.detach(), self.threshold.detach(), self.threshold_mode, self.gk, offsets))
+        offsets = self.field_offsets if self.field_offsets is not None else \
+            torch.zeros(1, dtype=torch.int64, device=self.weight.device)
+        return int(kernels("auto").soft_threshold_count_nonzero(self.weight.detach(), self.threshold.detach(),
+                                                               self.threshold_mode, self.gk, offsets))
 
     def extra_repr(self):
         fields = "" if self.field_dims is None else f", fields={self.field_dims.numel()}"
         return (
             f"{self.num_embeddings}, {self.embedding_dim}, threshold_mode={self.threshold_mode!r}, "
-            f"gk={self.gk}{fields}, sparse={self.sparse}, deterministic={self.deterministic}, backend={self.backend!r}"
+            f"gk={self.gk}{fields}, sparse={self.sparse}, backend={self.backend!r}"
             + ("" if self.optimizer is None else f", optimizer={self.optimizer!r}")
         )
 
@@ -266,11 +283,15 @@ class MaskedEmbedding(_FieldTable):
     big model without a second copy of its table).
     """
 
-    def __init__(self, weight, mask, *, field_dims=None, copy=True):
+    def __init__(self, weight, mask, *, field_dims=None, copy=True, backend="auto", bounds_check=None):
         super().__init__()
         if weight.dim() != 2 or tuple(mask.shape) != tuple(weight.shape):
             raise ValueError(f"weight must be 2-D and mask of its shape, got {tuple(weight.shape)} and {tuple(mask.shape)}")
-        self._set_field_dims(field_dims, weight.shape[0], weight.device)
+        if backend not in ("auto", "triton", "cpu"):
+            raise ValueError(f"MaskedEmbedding runs the kernels of backend 'auto', 'triton' or 'cpu', got {backend!r}")
+        register_field_dims(self, field_dims, weight.shape[0], weight.device)
+        self.backend, self.bounds_check = backend, bounds_check
+        self.id_errors = DeferredIdErrors(weight.device)
         self.num_embeddings, self.embedding_dim = weight.shape
         self.register_buffer("keep", mask.to(torch.bool))
         # where, not weight * keep: that product makes a float copy of the mask first (2x the table)
@@ -280,11 +301,19 @@ class MaskedEmbedding(_FieldTable):
             self.weight = nn.Parameter(torch.where(self.keep, weight.detach(), weight.new_zeros(()), out=weight.detach()))
 
     def forward(self, indices):
-        if self.field_dims is not None:
-            indices = offset_field_ids(indices, self.field_dims)
-        else:
-            check_ids_in_range(indices, self.num_embeddings)
-        return F.embedding(indices, self.weight) * F.embedding(indices, self.keep).to(self.weight.dtype)
+        check_ids_shape(indices, self.field_offsets)
+        backend = resolve_backend(self.backend, self.weight.device)
+        errors = prepare_id_check(indices, self.num_embeddings, self.field_offsets, backend, self.bounds_check,
+                                  self.id_errors)
+        out = MaskedEmbeddingFunction.apply(indices, self.weight, self.keep, self.field_offsets,
+                                            None if errors is None else errors.record, backend)
+        if errors is not None:
+            errors.after_launch()
+        return out
+
+    def sync(self):
+        """Raises a deferred id error if the kernels recorded one (waits for the device)."""
+        self.id_errors.wait()
 
     @torch.no_grad()
     def pruned_rows(self, start, end):
@@ -317,7 +346,7 @@ class PrunedEmbedding(_FieldTable):
 
     def __init__(self, store, *, field_dims=None):
         super().__init__()
-        self._set_field_dims(field_dims, store.num_embeddings, store.payload.device)
+        register_field_dims(self, field_dims, store.num_embeddings, store.payload.device)
         self.num_embeddings, self.embedding_dim = store.num_embeddings, store.embedding_dim
         self.store = store
 

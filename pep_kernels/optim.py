@@ -33,6 +33,7 @@ Gradient clipping does not see a fused table's gradients (they never exist), as 
 the published recipe's clip (total norm 100) does not engage in its runs.
 """
 
+import functools
 import math
 
 import torch
@@ -113,6 +114,21 @@ class Adam(RowOptimizer):
         table = torch.stack([rows[0], rows[1], hi.double(), rate_sum - hi.double()]).to(dtype)
         return table.to(device)
 
+    def grown_schedule(self, schedule, steps, dtype, device):
+        """A schedule covering step `steps`: `schedule` if it does, else one of twice the steps
+        (at least 1024; 2^20 on a GPU, so that a captured CUDA graph can replay a million steps),
+        shared by the tables with the same rule."""
+        device = torch.device(device)
+        if schedule is not None and schedule.shape[1] > steps and schedule.dtype == dtype and schedule.device == device:
+            return schedule
+        least = (1 << 20) if device.type == "cuda" else 1024
+        return _cached_schedule(self.lr, self.betas, max(least, 2 * steps), dtype, device)
+
     def __repr__(self):
         return (f"Adam(lr={self.lr}, betas={self.betas}, eps={self.eps}, weight_decay={self.weight_decay}, "
                 f"mode={self.mode!r})")
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_schedule(lr, betas, steps, dtype, device):
+    return Adam(lr=lr, betas=betas).schedule(steps, dtype, device)

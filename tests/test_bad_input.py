@@ -40,12 +40,13 @@ def test_backward_never_sees_bad_ids(backend):
     assert weight.grad.shape == weight.shape
 
 
-def test_cpu_backward_op_checks_ids():
+def test_cpu_backward_op_checks_rows():
     ids, weight, threshold = make_lookup("feature_dim", num_rows=4, dim=3)
-    flat = ids.reshape(-1).clone()
-    flat[3] = 4
+    rows = ids.reshape(-1).clone()
+    rows[3] = 4
     with pytest.raises(IndexError, match="index 4 is out of range"):
-        torch.ops.pep_kernels.cpu_backward(torch.ones(flat.numel(), 3), flat, weight, threshold, "feature_dim", 1.0, False)
+        torch.ops.pep_kernels.soft_threshold_backward(torch.ones(rows.numel(), 3), rows, weight, threshold,
+                                                      "feature_dim", 1.0, False)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -82,7 +83,7 @@ def test_backend_specific_dtype_limits():
     ids, weight, threshold = make_lookup("feature_dim", num_rows=4, dim=3)
     with pytest.raises(TypeError, match="CPU kernel takes float32 or float64 weights, got Half"):
         lookup("cpu", ids, weight.half(), threshold.half())
-    with pytest.raises(TypeError, match="Triton backend takes float32, float16 or bfloat16 weights, got torch.float64"):
+    with pytest.raises(TypeError, match="Triton kernels take float32, float16 or bfloat16 weights, got torch.float64"):
         lookup("triton", ids, weight.double(), threshold.double())
 
 
@@ -143,4 +144,4 @@ def test_triton_on_cpu_without_interpreter_says_what_to_do():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
-    assert "ValueError: the Triton backend needs CUDA tensors (or TRITON_INTERPRET=1" in result.stderr
+    assert "ValueError: the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1" in result.stderr

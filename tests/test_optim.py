@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from pep_kernels import PEPEmbedding, reference
-from pep_kernels.ops.optim import row_optimizer_catch_up, row_optimizer_step
 from pep_kernels.optim import SGD, Adagrad, Adam
 
 from utils import MODES, PER_ROW_MODES, train_with_row_oracle
 
 FIELDS = 3
+ops = torch.ops.pep_kernels
 
 
 def make_table(mode, rows, dim, optimizer=None, init=-4.0, seed=0):
@@ -252,7 +252,7 @@ def test_opcheck_row_optimizer_ops():
                            rule.hparams(), 3))
     torch.library.opcheck(torch.ops.pep_kernels.row_optimizer_catch_up,
                           (_state(param, rule), torch.tensor([1, 1, 5]), sched, rule.hparams(), 4))
-    torch.library.opcheck(torch.ops.pep_kernels.cpu_count_nonzero,
+    torch.library.opcheck(torch.ops.pep_kernels.soft_threshold_count_nonzero,
                           (param, torch.zeros(6, 3), "feature_dim", 1.0, torch.zeros(1, dtype=torch.int64)))
 
 
@@ -298,15 +298,15 @@ def long_gap(dim, gap, warm, init, dtype=torch.float32, lr=1e-3, weight_decay=1e
     for step in range(1, warm + 1):
         picked = torch.nonzero(torch.rand(rows, generator=gen) < 0.3).flatten()
         grads = grad_scale * torch.randn(picked.numel(), dim, generator=gen, dtype=dtype)
-        row_optimizer_step(state, picked, grads, sched, "adam_dense", rule.hparams(), step, "cpu")
+        ops.row_optimizer_step(state, picked, grads, sched, "adam_dense", rule.hparams(), step)
     faithful = [t.clone() for t in state]
     no_rows = torch.empty(0, dtype=torch.long)
     for step in range(warm + 1, warm + gap + 1):
-        row_optimizer_step(faithful, no_rows, torch.empty(0, dim, dtype=dtype), sched, "adam_dense", rule.hparams(),
-                           step, "cpu")
+        ops.row_optimizer_step(faithful, no_rows, torch.empty(0, dim, dtype=dtype), sched, "adam_dense", rule.hparams(),
+                           step)
     fast = [t.clone() for t in state]
     fast[3].fill_(warm)
-    row_optimizer_catch_up(fast, None, sched, rule.hparams(), warm + gap, "cpu")
+    ops.row_optimizer_catch_up(fast, None, sched, rule.hparams(), warm + gap)
     return state[0], faithful, fast
 
 
@@ -358,11 +358,11 @@ def test_catch_up_of_duplicate_ids_on_several_threads_replays_each_row_once():
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        row_optimizer_catch_up(expected, ids.unique(), sched, rule.hparams(), step, "cpu")
+        ops.row_optimizer_catch_up(expected, ids.unique(), sched, rule.hparams(), step)
         for n in (2, 3):
             torch.set_num_threads(n)
             state = [t.clone() for t in start]
-            row_optimizer_catch_up(state, ids, sched, rule.hparams(), step, "cpu")
+            ops.row_optimizer_catch_up(state, ids, sched, rule.hparams(), step)
             for got, want in zip(state, expected):
                 assert torch.equal(got, want)
     finally:
@@ -389,15 +389,15 @@ def test_catch_up_of_two_parameters_in_one_pass_is_each_caught_up_alone():
     ids = torch.randint(0, rows, (1000,), generator=gen)
     alone = [[t.clone() for t in s] for s in (weight, threshold)]
     for s in alone:
-        row_optimizer_catch_up(s, ids, sched, rule.hparams(), step, "cpu")
+        ops.row_optimizer_catch_up(s, ids, sched, rule.hparams(), step)
     together = [t.clone() for t in weight + threshold]
-    row_optimizer_catch_up(together, ids, sched, rule.hparams(), step, "cpu")
+    ops.row_optimizer_catch_up(together, ids, sched, rule.hparams(), step)
     for got, want in zip(together, alone[0] + alone[1]):
         assert torch.equal(got, want)
     with pytest.raises(ValueError, match="same rows"):
-        row_optimizer_catch_up(weight + [t[:10] for t in threshold], ids, sched, rule.hparams(), step, "cpu")
+        ops.row_optimizer_catch_up(weight + [t[:10] for t in threshold], ids, sched, rule.hparams(), step)
     with pytest.raises(ValueError, match="for each parameter, got 5 tensors"):
-        row_optimizer_catch_up(weight + threshold[:1], ids, sched, rule.hparams(), step, "cpu")
+        ops.row_optimizer_catch_up(weight + threshold[:1], ids, sched, rule.hparams(), step)
 
 
 def test_fast_adam_long_gap_collapse_stays_bounded():

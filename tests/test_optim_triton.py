@@ -129,18 +129,15 @@ def test_catch_up_before_the_first_step_is_a_no_op():
     assert_same([t.cpu() for t in before], state)
 
 
-def test_opcheck_triton_row_optimizer_ops():
-    # Under TRITON_INTERPRET the fake-tensor checks would run the interpreted kernels on fake
-    # tensors (see test_registration.py), so they run on a GPU only.
-    kwargs = {} if HAS_CUDA else {"test_utils": ("test_schema", "test_autograd_registration")}
-    sched = schedule(4, DEVICE)
-    segments = optim_triton._segments(HPARAMS, DEVICE)
-    torch.library.opcheck(cpp.triton_row_optimizer_step.default,
-                          (on_device(make_state("adam", 6, 3)), torch.tensor([1, 4], device=DEVICE),
-                           torch.randn(2, 3, device=DEVICE), sched, segments, "adam", HPARAMS, 3), **kwargs)
-    torch.library.opcheck(cpp.triton_row_optimizer_catch_up.default,
-                          (on_device(make_state("adam", 6, 3)), torch.tensor([1, 5], device=DEVICE), sched, segments,
-                           HPARAMS, 4), **kwargs)
+@pytest.mark.gpu
+def test_opcheck_row_optimizer_ops_on_cuda():
+    """The ops' CUDA kernels (these Triton functions, registered for CUDA) through the dispatcher."""
+    sched = schedule(4, "cuda")
+    torch.library.opcheck(cpp.row_optimizer_step.default,
+                          (on_device(make_state("adam", 6, 3)), torch.tensor([1, 4], device="cuda"),
+                           torch.randn(2, 3, device="cuda"), sched, "adam", HPARAMS, 3))
+    torch.library.opcheck(cpp.row_optimizer_catch_up.default,
+                          (on_device(make_state("adam", 6, 3)), torch.tensor([1, 5], device="cuda"), sched, HPARAMS, 4))
 
 
 # Bad arguments: (id, change to the good arguments, error, message). The C++ op must refuse the

@@ -15,44 +15,30 @@ def backward_args(mode, device="cpu"):
     return torch.randn(flat.numel(), 5, device=device), flat, weight, threshold
 
 
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if HAS_CUDA else []))
 @pytest.mark.parametrize("mode", MODES)
-def test_opcheck_cpu_ops(mode):
-    grad, ids, weight, threshold = backward_args(mode)
+def test_opcheck_lookup_ops(mode, device):
+    """The C++ kernels on CPU tensors; on a GPU machine also the Triton kernels registered for CUDA."""
+    grad, ids, weight, threshold = backward_args(mode, device)
     column_major = weight.t().contiguous().t()  # the fakes must match outputs whatever the input strides
+    offsets = torch.tensor([0, 2, 4, 6], device=device)  # 3 fields of 2 rows: ids below must be < 2
+    local = ids % 2
+    record = torch.full((5,), -1, dtype=torch.int64, device=device)
     for w in (weight, column_major):
-        torch.library.opcheck(ops.cpu_forward.default, (ids, w, threshold, mode, 0.9))
+        torch.library.opcheck(ops.soft_threshold_forward.default, (ids, w, threshold, mode, 0.9, None, None))
+        torch.library.opcheck(ops.soft_threshold_forward.default, (local, w, threshold, mode, 0.9, offsets, record))
+        rows = ops.soft_threshold_forward(ids, w, threshold, mode, 0.9, None, None)[1]
         for sparse in (False, True):
-            torch.library.opcheck(ops.cpu_backward.default, (grad, ids, w, threshold, mode, 0.9, sparse))
+            torch.library.opcheck(ops.soft_threshold_backward.default, (grad, rows, w, threshold, mode, 0.9, sparse))
+    keep = weight > 0
+    torch.library.opcheck(ops.masked_embedding_forward.default, (local, weight, keep, offsets, record))
+    rows = ops.masked_embedding_forward(ids, weight, keep, None, None)[1]
+    torch.library.opcheck(ops.masked_embedding_backward.default, (grad, rows, keep))
 
 
 def test_opcheck_id_ops():
     torch.library.opcheck(ops.checked_ids.default, (torch.tensor([[3, 0], [1, 1]]), 4))
     torch.library.opcheck(ops.offset_field_ids.default, (torch.tensor([[2, 0], [1, 4]]), torch.tensor([3, 5])))
-
-
-# Under TRITON_INTERPRET the fake kernel of a triton_op (the op's own Python, traced) would run
-# the interpreted kernel on fake tensors, so the fake-tensor checks run on a GPU only.
-TRITON_OPCHECK = None if HAS_CUDA else ("test_schema", "test_autograd_registration")
-
-
-@pytest.mark.parametrize("mode", MODES)
-def test_opcheck_triton_ops(mode):
-    device = "cuda" if HAS_CUDA else "cpu"
-    grad, ids, weight, threshold = backward_args(mode, device)
-    kwargs = {} if TRITON_OPCHECK is None else {"test_utils": TRITON_OPCHECK}
-    torch.library.opcheck(ops.triton_forward.default, (ids, weight, threshold, mode, 0.9), **kwargs)
-    rows, inverse = torch.unique(ids, return_inverse=True)
-    for dst, num_dst in ((ids, weight.shape[0]), (inverse, rows.numel())):
-        torch.library.opcheck(
-            ops.triton_backward_atomic.default, (grad, ids, dst, num_dst, weight, threshold, mode, 0.9), **kwargs
-        )
-    sorted_ids, order = torch.sort(ids, stable=True)
-    seg_rows, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
-    seg_start = torch.nn.functional.pad(torch.cumsum(counts, 0), (1, 0))
-    torch.library.opcheck(
-        ops.triton_backward_segments.default,
-        (grad, order, seg_start, seg_rows, seg_rows, weight.shape[0], weight, threshold, mode, 0.9), **kwargs,
-    )
 
 
 def compiled_parity(backend, mode, device):
@@ -83,7 +69,7 @@ def test_compile_fullgraph_cpu(mode):
 @pytest.mark.compile
 @pytest.mark.parametrize("mode", ["global", "feature_dim", "field_dim"])
 def test_compile_fullgraph_triton(mode):
-    compiled_parity("triton", mode, "cuda")
+    compiled_parity("auto", mode, "cuda")  # the Triton kernels, registered for CUDA, through the dispatcher
 
 
 def test_export_module_cpu():
@@ -92,7 +78,7 @@ def test_export_module_cpu():
     ids = torch.tensor([[1, 6], [4, 0]])
     program = torch.export.export(emb, (ids,))
     targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
-    assert {"pep_kernels.offset_field_ids.default", "pep_kernels.cpu_forward.default"} <= targets
+    assert "pep_kernels.soft_threshold_forward.default" in targets
     torch.testing.assert_close(program.module()(ids), emb(ids), rtol=0, atol=0)
     with pytest.raises(IndexError, match="id 9 in field 1"):
         program.module()(torch.tensor([[0, 9], [1, 1]]))

@@ -1,20 +1,18 @@
-"""Row-sparse optimizer steps of table parameters on GPU: Triton kernels, their torch.library ops
-and the checked entry points that `ops.optim` calls on CUDA tensors.
+"""Row-sparse optimizers of table parameters on GPU: the element rules as Triton functions (which
+the fused backward of ops/soft_threshold.py applies too) and the CUDA kernels of the ops
+`row_optimizer_step` and `row_optimizer_catch_up`.
 
 Same contract as the C++ CPU ops (csrc/optim.h, csrc/optim_cpu.cpp): `state = [param, state1,
 state2, last_step]`, `hparams = [lr, eps, weight_decay, beta1, beta2]`, steps count from 1 and
 `schedule` is `Adam.schedule` (rows: lr / (1 - beta1^u), sqrt(1 - beta2^u), and the running sum
-of their product in two parts). The element
-rules are those of csrc/optim_rows.inc in the same operation order and roundings, in fp32: fused
-multiply-adds where the C++ calls std::fma, correctly rounded division and square root
-(`tl.div_rn`, `tl.sqrt_rn`; Triton's `/` and `tl.sqrt` may be approximate on a GPU), and no
-other product fused into a sum (the C++ is built with -ffp-contract=off). Results equal the C++
-op's bit for bit in Triton's interpreter. The sm_90 PTX keeps those roundings (div.rn, sqrt.rn,
-no flush to zero, no product left for ptxas to contract), so a GPU should match as well.
-
-The checks, and the data-dependent steps (range checks, deduplicating catch-up ids), run in the
-Python entry points; the Triton ops assume checked inputs and have no outputs, so they trace
-under fake tensors.
+of their product in two parts). The element rules are those of csrc/optim_rows.inc in the same
+operation order and roundings, in fp32: fused multiply-adds where the C++ calls std::fma,
+correctly rounded division and square root (`tl.div_rn`, `tl.sqrt_rn`; Triton's `/` and
+`tl.sqrt` may be approximate on a GPU), and no other product fused into a sum (the C++ is built
+with -ffp-contract=off). The ops equal the C++ ops bit for bit in Triton's interpreter. The
+sm_90 PTX keeps those roundings (div.rn, sqrt.rn, no flush to zero, no product left for ptxas to
+contract), so a GPU should match as well. The ops check their arguments as the C++ ops do (which
+reads the rows back: they are not on a training step's path).
 """
 
 import functools
@@ -24,7 +22,6 @@ import numpy as np
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
 from triton.runtime.interpreter import InterpretedFunction
 
 _SGD = tl.constexpr(0)
@@ -32,7 +29,8 @@ _ADAGRAD = tl.constexpr(1)
 _ROWWISE_ADAGRAD = tl.constexpr(2)
 _ADAM = tl.constexpr(3)
 # Kernel KIND of each rule ("adam_dense" has its own kernel).
-_KINDS = {"sgd": 0, "adagrad": 1, "rowwise_adagrad": 2, "adam": 3, "adam_dense": None}
+KIND_CODES = {"sgd": 0, "adagrad": 1, "rowwise_adagrad": 2, "adam": 3}
+_KINDS = (*KIND_CODES, "adam_dense")
 
 
 @triton.jit
@@ -319,11 +317,7 @@ def _scalars(hparams):
     return [_fp32(x) for x in (eps, weight_decay, beta2, 1 - beta1, 1 - beta2)]
 
 
-@triton_op("pep_kernels::triton_row_optimizer_step", mutates_args={"state"})
-def triton_row_optimizer_step(
-    state: list[torch.Tensor], rows: torch.Tensor, grads: torch.Tensor, schedule: torch.Tensor,
-    segments: torch.Tensor, kind: str, hparams: list[float], step: int,
-) -> None:
+def _launch_row_optimizer_step(state, rows, grads, schedule, segments, kind, hparams, step):
     """Applies step `step` to the sorted distinct `rows` (inputs checked by row_optimizer_step;
     `segments` is `_segment_table`, used by kind "adam")."""
     param, state1, state2, last_step = state
@@ -335,23 +329,19 @@ def triton_row_optimizer_step(
     if kind == "adam_dense":
         grad_index = torch.full((num_rows,), -1, dtype=torch.int64, device=param.device)
         grad_index[rows] = torch.arange(n, device=param.device)
-        wrap_triton(_dense_adam_kernel)[(triton.cdiv(num_rows, block_r),)](
+        _dense_adam_kernel[(triton.cdiv(num_rows, block_r),)](
             grad_index, grads, param, state1, state2, schedule,
             num_rows, cols, sched_len, step, *scalars, BLOCK_R=block_r, BLOCK_D=block_d,
         )
     elif n:
-        wrap_triton(_apply_rows_kernel)[(triton.cdiv(n, block_r),)](
+        _apply_rows_kernel[(triton.cdiv(n, block_r),)](
             rows, grads, param, state1, state2, last_step, schedule, segments,
             n, cols, sched_len, step, _fp32(hparams[0]), *scalars,
-            KIND=_KINDS[kind], BLOCK_R=block_r, BLOCK_D=block_d,
+            KIND=KIND_CODES[kind], BLOCK_R=block_r, BLOCK_D=block_d,
         )
 
 
-@triton_op("pep_kernels::triton_row_optimizer_catch_up", mutates_args={"state"})
-def triton_row_optimizer_catch_up(
-    state: list[torch.Tensor], rows: torch.Tensor | None, schedule: torch.Tensor, segments: torch.Tensor,
-    hparams: list[float], to_step: int,
-) -> None:
+def _launch_catch_up(state, rows, schedule, segments, hparams, to_step):
     """Adam: brings the distinct `rows` (all rows when None) up to step `to_step` (inputs checked
     by row_optimizer_catch_up)."""
     param, exp_avg, exp_avg_sq, last_step = state
@@ -359,7 +349,7 @@ def triton_row_optimizer_catch_up(
     n = num_rows if rows is None else rows.numel()
     if n:
         block_r, block_d = _tile(cols)
-        wrap_triton(_catch_up_kernel)[(triton.cdiv(n, block_r),)](
+        _catch_up_kernel[(triton.cdiv(n, block_r),)](
             rows, param, exp_avg, exp_avg_sq, last_step, schedule, segments,
             n, cols, schedule.shape[1], to_step, *_scalars(hparams),
             HAS_ROWS=rows is not None, BLOCK_R=block_r, BLOCK_D=block_d,
@@ -438,9 +428,9 @@ def _check_state(state, schedule, kind, hparams, step):
 
 
 def row_optimizer_step(state, rows, grads, schedule, kind, hparams, step):
-    """Applies step `step` to the sorted distinct `rows` of `state[0]` with their loss gradients
-    `grads` (rows, cols); kind `adam_dense` also updates every other row, with a zero loss
-    gradient. Checks its arguments as the C++ op `row_optimizer_step` does."""
+    """CUDA kernel of pep_kernels::row_optimizer_step: applies step `step` to the sorted distinct
+    `rows` of `state[0]` with their loss gradients `grads` (rows, cols); kind `adam_dense` also
+    updates every other row, with a zero loss gradient."""
     if kind not in _KINDS:
         raise ValueError(f"unknown row optimizer '{kind}'; expected sgd, adagrad, rowwise_adagrad, adam or adam_dense")
     param = _checked_param(state)
@@ -453,23 +443,15 @@ def row_optimizer_step(state, rows, grads, schedule, kind, hparams, step):
     if n > 1 and not bool((rows[1:] > rows[:-1]).all()):
         raise ValueError("rows must be sorted and distinct (coalesce the gradient first)")
     _check_state(state, schedule, kind, hparams, step)
-    apply_rows(state, rows, grads.to(device=param.device, dtype=param.dtype), schedule, kind, hparams, step)
-
-
-def apply_rows(state, rows, grads, schedule, kind, hparams, step):
-    """row_optimizer_step without its checks (and their host syncs), for callers whose rows are
-    distinct, sorted and in range and whose state and hparams are a rule's own: the training
-    step of a table."""
     segments = _segments(hparams, rows.device) if kind == "adam" else schedule.new_empty(0)
-    torch.ops.pep_kernels.triton_row_optimizer_step(list(state), rows.contiguous(), grads.contiguous(), schedule,
-                                                    segments, kind, [float(h) for h in hparams], step)
+    _launch_row_optimizer_step(list(state), rows.contiguous(), grads.to(device=param.device, dtype=param.dtype)
+                               .contiguous(), schedule, segments, kind, [float(h) for h in hparams], step)
 
 
 def row_optimizer_catch_up(state, rows, schedule, hparams, to_step):
-    """Adam ("adam"): replays the skipped steps of `rows` (any ids, duplicates allowed; all rows
-    when None) up to `to_step`, in each parameter of `state` ([param, exp_avg, exp_avg_sq, last_step]
-    per parameter, all with the same rows). Checks its arguments as the C++ op
-    `row_optimizer_catch_up` does."""
+    """CUDA kernel of pep_kernels::row_optimizer_catch_up: Adam ("adam") replays the skipped steps
+    of `rows` (any ids, duplicates allowed; all rows when None) up to `to_step`, in each parameter
+    of `state` ([param, exp_avg, exp_avg_sq, last_step] per parameter, all with the same rows)."""
     if len(state) == 0 or len(state) % 4:
         raise ValueError(f"optimizer state must be [param, state1, state2, last_step] for each parameter, got "
                          f"{len(state)} tensors")
@@ -486,13 +468,6 @@ def row_optimizer_catch_up(state, rows, schedule, hparams, to_step):
         rows = torch.unique(rows)
     for k in range(0, len(state), 4):
         _check_state(state[k:k + 4], schedule, "adam", hparams, to_step)
-    catch_up_rows(state, rows, schedule, hparams, to_step)
-
-
-def catch_up_rows(state, rows, schedule, hparams, to_step):
-    """row_optimizer_catch_up without its checks, for distinct in-range `rows` (or None) of
-    parameters whose state is a rule's own, from step 1 on."""
     segments = _segments(hparams, state[0].device)
     for k in range(0, len(state), 4):
-        torch.ops.pep_kernels.triton_row_optimizer_catch_up(list(state[k:k + 4]), rows, schedule, segments,
-                                                            [float(h) for h in hparams], to_step)
+        _launch_catch_up(list(state[k:k + 4]), rows, schedule, segments, [float(h) for h in hparams], to_step)

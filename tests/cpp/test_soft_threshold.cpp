@@ -62,25 +62,31 @@ int main() {
   at::Tensor gs = at::zeros({rows, d}, at::kDouble);
   spec_feature_dim(ids, w, s, g, gk, out, gw, gs);
 
-  expect_close(pep_kernels::cpu_forward(ids, w, s, "feature_dim", gk).to(at::kDouble), out, "forward");
-  auto [kw, ks, krows] = pep_kernels::cpu_backward(g, ids, w, s, "feature_dim", gk, false);
+  auto [kout, looked_up] = pep_kernels::soft_threshold_forward(ids, w, s, "feature_dim", gk, std::nullopt, std::nullopt);
+  expect_close(kout.to(at::kDouble), out, "forward");
+  expect(at::equal(looked_up.to(at::kLong), ids), "the forward returns the rows it read");
+  auto [kw, ks, krows] = pep_kernels::soft_threshold_backward(g, looked_up, w, s, "feature_dim", gk, false);
   expect_close(kw.to(at::kDouble), gw, "grad weight");
   expect_close(ks.to(at::kDouble), gs, "grad threshold");
   expect(krows.numel() == 0, "dense backward returns no rows");
 
-  auto [sw, ss, srows] = pep_kernels::cpu_backward(g, ids, w, s, "feature_dim", gk, true);
+  auto [sw, ss, srows] = pep_kernels::soft_threshold_backward(g, looked_up, w, s, "feature_dim", gk, true);
   expect(at::equal(srows, at::tensor({0, 1, 3, 6}, at::kLong)), "sparse rows are the sorted distinct ids");
   expect_close(sw.to(at::kDouble), gw.index_select(0, srows), "sparse grad weight");
   expect_close(ss.to(at::kDouble), gs.index_select(0, srows), "sparse grad threshold");
 
+  using Optional = const std::optional<at::Tensor>&;
   auto op = c10::Dispatcher::singleton()
-                .findSchemaOrThrow("pep_kernels::cpu_forward", "")
-                .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, c10::string_view, double)>();
-  expect_close(op.call(ids, w, s, "feature_dim", gk).to(at::kDouble), out, "forward through the dispatcher");
+                .findSchemaOrThrow("pep_kernels::soft_threshold_forward", "")
+                .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                          c10::string_view, double, Optional, Optional)>();
+  expect_close(std::get<0>(op.call(ids, w, s, "feature_dim", gk, std::nullopt, std::nullopt)).to(at::kDouble), out,
+               "forward through the dispatcher");
 
   bool raised = false;
   try {
-    pep_kernels::cpu_forward(at::tensor({0, 7}, at::kLong), w, s, "feature_dim", gk);
+    pep_kernels::soft_threshold_forward(at::tensor({0, 7}, at::kLong), w, s, "feature_dim", gk, std::nullopt,
+                                        std::nullopt);
   } catch (const c10::IndexError& e) {
     raised = std::string(e.what()).find("index 7 is out of range") != std::string::npos;
   }
