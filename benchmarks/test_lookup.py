@@ -74,5 +74,6 @@ def test_lookup(benchmark, interleaved, run):
     pass_name, case = run
     fns = PASSES[pass_name](case)
     benchmark.group = f"{pass_name} {case[0]} {case[1]}"
-    interleaved(benchmark.group, "pep cpu", fns)
+    interleaved(benchmark.group, "pep cpu", fns,
+                case={"pass": pass_name, "shape": case[0], "mode": case[1], "dtype": "float32"})
     benchmark(fns["pep cpu"])

@@ -18,7 +18,8 @@ Candidates, each giving the (B * F, d) float32 rows of one batch:
     STORE_BENCH_ROWS=100000 pytest benchmarks/test_store.py -k d32-10pct --benchmark-disable  # smoke run
 
 `test_store_bytes` writes the sizes (store, its fp32 target 1.1 * (4 (N + 1) + 5 nnz), dense
-table, FBGEMM) to .benchmarks/store_bytes.md and prints them (-s).
+table, FBGEMM) to .benchmarks/store_bytes.md, prints them (-s) and records them in
+benchmarks/data/store_bytes.csv.
 """
 
 import functools
@@ -126,7 +127,7 @@ def serving_fns(case):
 def test_serve(benchmark, interleaved, case):
     fns = serving_fns(case)
     benchmark.group = f"serve N={ROWS} {case_id(case)}"
-    interleaved(benchmark.group, "store fp32", fns)
+    interleaved(benchmark.group, "store fp32", fns, case={"pass": "lookup", "shape": f"N={ROWS} {case_id(case)}"})
     benchmark(fns["store fp32"])
 
 
@@ -142,12 +143,19 @@ def bytes_table():
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_store_bytes(bytes_table, case):
+def test_store_bytes(bytes_table, recorded, case):
     table = pruned_table(*case)
     stores = {values: SparseRowStore.from_dense(table, values=values) for values in ("fp32", "fp16", "int8")}
     fp32 = stores["fp32"]
     target = 1.1 * (4 * (ROWS + 1) + 5 * fp32.nnz)
-    fbgemm = ["-", "-"] if FBGEMM_MISSING else [f"{fbgemm_table(table, t)[1]:,}" for t in ("fp32", "int8")]
+    fbgemm_bytes = {} if FBGEMM_MISSING else {f"fbgemm {t}": fbgemm_table(table, t)[1] for t in ("fp32", "int8")}
+    fbgemm = [f"{value:,}" for value in fbgemm_bytes.values()] or ["-", "-"]
+    baselines = {"target 1.1 (4 (N+1) + 5 nnz)": round(target), "store fp16": stores["fp16"].nbytes,
+                 "store int8": stores["int8"].nbytes, "dense fp32": table.numel() * 4, **fbgemm_bytes}
+    recorded("store_bytes", [
+        {"pass": "size", "shape": f"N={ROWS} {case_id(case)}", "metric": "size", "unit": "bytes",
+         "candidate": "store fp32", "candidate_value": fp32.nbytes, "baseline": name, "baseline_value": value,
+         "note": f"nnz {fp32.nnz}, encoding {fp32.encoding}"} for name, value in baselines.items()])
     bytes_table.append(
         f"| N={ROWS} {case_id(case)} | {fp32.nnz:,} | {fp32.nbytes:,} | {target:,.0f} | {fp32.nbytes / target:.3f} | "
         f"{fp32.encoding} | {stores['fp16'].nbytes:,} | {stores['int8'].nbytes:,} | {table.numel() * 4:,} | "

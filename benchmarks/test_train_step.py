@@ -158,5 +158,6 @@ def test_train_step(benchmark, interleaved, name):
     batches = make_ids(shape, torch.Generator().manual_seed(2), BATCHES)
     fns = {label: cycling(step, batches) for label, step in train_steps(shape).items()}
     benchmark.group = f"train step {name}"
-    interleaved(benchmark.group, "pep fast", fns)
+    interleaved(benchmark.group, "pep fast", fns,
+                case={"pass": "train step", "shape": name, "mode": "feature_dim", "dtype": "float32"})
     benchmark(fns["pep fast"])

@@ -222,7 +222,8 @@ def main(argv=None):
                    help="row layout (auto: the smaller)")
     p.set_defaults(handler=cmd_export)
 
-    p = commands.add_parser("bench", help="run the CPU benchmark suites and print the ratio tables")
+    p = commands.add_parser("bench", help="run the CPU benchmark suites, print the ratio tables and append the "
+                                          "measurements to benchmarks/data/*.csv")
     p.add_argument("suites", nargs="*", default=list(BENCH_SUITES), choices=BENCH_SUITES,
                    help="lookup (soft-threshold op), train_step (a table's training step), store (serving)")
     p.add_argument("-k", help="pytest -k expression selecting benchmarks")

@@ -1,14 +1,9 @@
 """`pep demo`: the whole PEP workflow on MovieLens-100K (or synthetic data without recbole).
 
-Full-table baseline, one budgeted PEP search, lottery-ticket retrain of each snapshot, and a
-table of non-zeros, bytes and test AUC / log-loss against the baseline, with two plots.
-
-The search starts the thresholds at the published threshold_init -15 and lets the budget
-controller pass 80/90/95% sparsity on a plan of PLAN_STEPS steps (fewer if `epochs` has fewer)
-at lr 1e-2, the learning rate of the baseline and the retrains (docs/RESULTS.md: searching at
-the published lr 1e-3 over 600 steps retrained 0.003 AUC lower at 90%). The published recipe
-itself (threshold_init -15, lr 1e-3, no controller) barely prunes in as many steps (thresholds
-rise about 1e-3 per step from sigmoid(-15) ~ 3e-7), which the demo shows by running it too.
+Full-table baseline, one budgeted PEP search (the budget controller from the published
+threshold_init -15, at lr 1e-2 on a plan of PLAN_STEPS steps), a lottery-ticket retrain of each
+snapshot, the published recipe run beside it, and a table and two plots. Why these settings:
+docs/design/budget_controller.md.
 """
 
 import json

@@ -1,65 +1,9 @@
-"""PEP tables sharded with TorchRec: `ShardedPEPEmbedding` (the search) and
-`ShardedMaskedEmbedding` (the retrain of a mask).
+"""PEP tables sharded over the ranks of a process group with TorchRec: `ShardedPEPEmbedding` (the
+search) and `ShardedMaskedEmbedding` (the retrain of a mask), with `PEPEmbedding`'s optimizers,
+counting and export as collectives.
 
-Install the extras first: `pip install --no-deps -r requirements-torchrec.txt`.
-
-Design (why it is exact). The table W and the per-row thresholds s (modes `feature`,
-`feature_dim`) are stored side by side as one TorchRec table of width d + t (t = 1 or d), padded
-to a multiple of 4 columns (FBGEMM's requirement; the padding stays zero). So one sharding plan
-(row-wise or table-wise) places W and s together, and one lookup brings both. The lookup is a
-TorchRec `EmbeddingCollection` (unpooled: one row per id) fed a `KeyedJaggedTensor`; each rank
-then applies pep_kernels' fused soft-threshold op to the rows it got back, with the ids
-`arange(n)`, i.e. the op runs on already-gathered rows: its forward is the same kernel, on the
-same values, as a single-process `PEPEmbedding`, and its backward returns per-lookup row
-gradients, which flow back through TorchRec's all-to-all into FBGEMM's fused optimizer (the
-FUSED compute kernel: no gradient table is made; duplicate ids are summed before the update).
-Shared thresholds (`global`, `dimension`, `field`, `field_dim`) are an ordinary parameter
-replicated on every rank; its gradient is averaged over the ranks by a hook as soon as it is
-accumulated, so any torch optimizer then steps it identically everywhere.
-
-Loss convention: TorchRec divides embedding gradients by the world size (it matches
-DistributedDataParallel, which averages), so the sharded model trains on the mean of the
-per-rank losses. With equal per-rank batches and a per-rank mean loss this is the mean loss of
-the concatenated batch, and the sharded table follows a single-process `PEPEmbedding` trained
-on that batch, up to the order of float additions (tested to fp32 tolerance, 2 ranks, gloo).
-
-Optimizers (`optimizer=`, a `pep_kernels.optim` rule):
-
-- `SGD(lr)` -> FBGEMM's EXACT_SGD and `Adagrad(lr, eps)` -> EXACT_ADAGRAD (the FUSED compute
-  kernel): FBGEMM's kernels of these have no weight decay, so `weight_decay` must be 0;
-- `Adagrad(lr, eps, weight_decay, rowwise=True)` -> EXACT_ROWWISE_ADAGRAD with L2 (coupled)
-  weight decay, for shared-threshold modes with d a multiple of 4 only (its one state per table
-  row would otherwise mix W, s and the padding);
-- `Adam(lr, betas, eps, weight_decay, mode)`, the published PEP recipe (`faithful`, or `fast`):
-  pep_kernels' own row-optimizer kernels, as in `PEPEmbedding`, since FBGEMM's fused Adam is lazy
-  (rows not looked up skip the step) and has no CPU kernel. The table is sharded with TorchRec's
-  DENSE compute kernel instead: TorchRec's backward (the same all-to-all, the same division by the
-  world size) accumulates a dense gradient of each rank's shard, and a hook steps the shard as
-  soon as it is accumulated, then drops the gradient: the rows the rank's lookups read, with their
-  summed gradients (`faithful` also steps every other row, with a zero loss gradient). One rule
-  fits the whole [W | s | padding] row, as W and s share lr and weight decay elementwise, and the
-  padding stays 0 (zero value, zero gradient). `fast` brings the rows a lookup reads up to date
-  before reading them, and every row before anything reads the shard (`nnz`, `pruned_weight`,
-  `export_store`, ...). The moments (2 values per table entry) and, in `fast` mode, the step of
-  each row live beside the shard on its rank; the dense gradient costs one more value per entry
-  during the backward. Each rank counts its own steps: every rank runs every backward, as the
-  collectives need anyway.
-
-The retrain table is the same machinery with the fixed mask as d columns of 0/1 beside W
-(`ShardedMaskedEmbedding`, which takes Adam without weight decay only: the decay would shrink the
-mask columns); its export is `MaskedEmbedding`'s.
-
-Counting and export gather nothing they do not need: `nnz()` counts each rank's shard and sums
-the counts (one all-reduce); `pruned_weight()` and `export_store()` all-gather the pruned shards
-into one (N, d) table on every rank (O(N d) memory: for tables that fit one host).
-
-`nnz`, `sparsity`, `pruned_weight`, `full_weight`, `full_threshold`, `mask` and `export_store`
-are collectives, like the lookup itself: every rank calls them, in the same order. A bad id
-raises on the rank that holds it, before any communication; the other ranks then wait in the
-lookup's all-to-all, as with any collective whose peer failed.
-
-Not supported: column-wise and table-row-wise plans, and `DistributedModelParallel` wrapping
-(this module shards its own table; wrap the dense rest of a model in DDP yourself).
+Install the extras first: `pip install --no-deps -r requirements-torchrec.txt`. Design (W and s in
+one table row, which optimizer runs where, the loss convention): docs/design/sharding.md.
 """
 
 import torch

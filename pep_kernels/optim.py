@@ -1,36 +1,9 @@
-"""Row-sparse optimizers for embedding tables, fused into the backward (FBGEMM style).
+"""Row-sparse optimizers for embedding tables, fused into the backward (FBGEMM style): `SGD`,
+`Adagrad` (element-wise or row-wise) and `Adam` (`faithful`: the published recipe, every row every
+step; `fast`: looked-up rows only, skipped steps caught up when a row is next read).
 
-Give one to `PEPEmbedding(optimizer=...)`: the backward then updates only the rows of W (and of
-per-row thresholds, modes `feature`/`feature_dim`) that the batch looked up, duplicate ids
-reduced first, and no gradient tensor of the table is made. Shared thresholds (`global`,
-`dimension`, field modes) still get an ordinary gradient: leave them to a torch optimizer, which
-skips W and the per-row thresholds because their `.grad` stays None.
-
-The element rules are torch.optim's, with coupled L2 (`g + weight_decay * p`):
-
-- `SGD`: p -= lr * g.
-- `Adagrad`: sum += g^2; p -= lr * g / (sqrt(sum) + eps); `rowwise=True` keeps one sum per row,
-  the mean of g^2 over the row (FBGEMM's EXACT_ROWWISE_ADAGRAD).
-- `Adam`, two modes:
-  - `faithful`: the published PEP recipe exactly (PEP_SPEC section 3): every row takes every
-    step, with a zero loss gradient when it was not looked up, in one pass over W, s and their
-    moments per step.
-  - `fast`: only looked-up rows are touched. A row's skipped steps are caught up when it is
-    next looked up (and for the whole table by `PEPEmbedding.sync()`, which `pruned_weight`,
-    `nnz` and `state_dict` call), so the L2-under-Adam drift that drives PEP's pruning is kept.
-    A short gap (up to 4 steps) and any step before step 64 (where the bias corrections change
-    fast) are replayed step by step, the same element rule with a zero loss gradient: the same
-    numbers as `faithful` (bitwise on CPU). Other gaps are covered in closed form, in one
-    segment per 256 steps whatever the gap: the momentum's excess over weight_decay * p decays
-    geometrically and moves p at the denominator of its centroid step; then p decays
-    exponentially at Adam's rate weight_decay * step_size / denominator summed over the segment,
-    the bias corrections exactly (running sums of the schedule) and v at the midpoint (an
-    exponential midpoint rule, stable also where v has run down and the decay is fast). A
-    segment costs about what 2 replayed steps cost; its error is at most 2.3% of the median move
-    for weights and 0.9% for thresholds (scripts/catch_up_error.py).
-
-Gradient clipping does not see a fused table's gradients (they never exist), as with FBGEMM;
-the published recipe's clip (total norm 100) does not engage in its runs.
+Give one to `PEPEmbedding(optimizer=...)`; shared thresholds keep ordinary gradients for a torch
+optimizer. The rules, their state and the catch-up: docs/design/fused_optimizers.md.
 """
 
 import functools

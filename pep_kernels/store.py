@@ -1,20 +1,6 @@
-"""SparseRowStore: a pruned embedding table stored row by row, for serving.
-
-A PEP table keeps a different number of dimensions per row and most rare rows keep none, so the
-store keeps, per row, only its non-zero entries: N + 1 row offsets (int32, or int64 past 2 GiB)
-into one byte payload where a kept row is its column ids (1 byte each when d <= 256, else 2)
-or a ceil(d / 8)-byte bitmask, then its values (fp32, fp16, bf16, or int8 with a per-row fp32
-scale). The layout (column ids or bitmask) is chosen per table, whichever is smaller; the exact
-byte format is in csrc/store_format.h. Lookups are C++ ops (CUDA kernels in csrc/cuda/store.cu
-on GPU builds) with fake kernels, so models using a store go through torch.compile and
-torch.export.
-
-Files are safetensors (no pickle): tensors `offsets` and `payload`, and JSON metadata (format
-version, N, d, values, encoding, nnz, max error, a sha256 of metadata and tensors). `load`
-checks all of it, then every row, before the store is used; a truncated, corrupted or hostile
-file is a ValueError. The C++ lookups also re-check each row they read (byte range, length,
-column ids), so even a store whose tensors were altered after loading cannot make them read or
-write out of bounds (CUDA: such a row reads as zeros).
+"""SparseRowStore: a pruned embedding table stored row by row (each row's non-zero entries only),
+for serving; its safetensors file format and the checks that make a corrupted or hostile file a
+ValueError. Format and export: docs/design/store_format.md; byte layout: csrc/store_format.h.
 """
 
 import hashlib

@@ -1,8 +1,8 @@
 """Untrusted input: no code path of the repository unpickles or evaluates what it reads.
 
 Run files and caches are safetensors, JSON and .npy; this scans the Python sources (package,
-scripts, benchmarks, tests, setup.py) for what could run code from a file: pickle and its
-relatives (imports of pickle, dill, joblib, shelve, marshal, ...), `torch.load` without
+experiments, benchmarks, tests, tools, setup.py) for what could run code from a file: pickle and
+its relatives (imports of pickle, dill, joblib, shelve, marshal, ...), `torch.load` without
 `weights_only=True`, `torch.jit.load`, `numpy.load(allow_pickle=...)` other than False,
 `yaml.load` without a safe loader, `pandas.read_pickle`, and the builtins `eval` and `exec`.
 The scanner is checked against a sample of each pattern first, so the scan cannot pass vacuously.
@@ -12,7 +12,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SCANNED = ["pep_kernels", "scripts", "benchmarks", "tests", "setup.py"]
+SCANNED = ["pep_kernels", "experiments", "benchmarks", "tests", "tools", "setup.py"]
 BANNED_MODULES = {"pickle", "_pickle", "cPickle", "dill", "cloudpickle", "joblib", "shelve", "marshal", "pickletools"}
 
 

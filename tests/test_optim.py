@@ -321,7 +321,7 @@ THRESHOLDS = lambda rows, dim, gen: -4 - 11 * torch.rand(rows, dim, generator=ge
 def test_fast_adam_long_gap_close_to_faithful(table, dim, dtype, warm, gap):
     """Gaps past 4 steps (from step 64 on) are caught up in closed-form segments: each value
     lands within 5% of the median move that the skipped steps make (measured: at most 2.3% for
-    weights and 0.9% for thresholds in scripts/catch_up_error.py), and the moments within 10% of
+    weights and 0.9% for thresholds in experiments/catch_up_error), and the moments within 10% of
     their scale."""
     start, faithful, fast = long_gap(dim, gap, warm, WEIGHTS if table == "weights" else THRESHOLDS, dtype)
     move = (faithful[0] - start).abs()

@@ -1,20 +1,6 @@
-"""MovieLens-1M and MovieLens-100K as CTR tasks, with the side fields of the PEP reference loader.
-
-Both loaders drop ratings of 3 and label the rest ``rating > 3``. Fields, in order:
-``user_id``, ``item_id`` (only with ``include_ids``), then the 7 side fields of the reference's
-ML-1M loader:
-
-- ``timestamp_bucket``: ``log_squared_bucket(t - t_first)``, the seconds since the file's first
-  rating (3s included) bucketed like a Criteo integer. This is the reference's rule (rather than
-  calendar days or weeks): buckets widen with time, about 4 days wide 4 months in and about 30
-  days wide 3 years in, giving ML-100K 171 buckets.
-- ``gender``, ``age`` (ML-1M's age groups 1, 18, 25, 35, 45, 50, 56; ML-100K's raw ages are mapped
-  to them, as the reference does), ``occupation``, ``zip_code`` (the raw string).
-- ``year``: release year; ``genres``: the movie's whole genre set as one token.
-
-Every field's values are mapped to contiguous local ids in sorted order of the values that occur
-in the labelled rows. The files are small, so they are read whole; MovieLens data may not be
-redistributed, so nothing is copied or cached.
+"""MovieLens-1M and MovieLens-100K as CTR tasks: ratings of 3 dropped, label ``rating > 3``;
+fields ``user_id``, ``item_id`` (only with ``include_ids``), then the 7 side fields of the PEP
+reference loader. The fields' encodings: docs/design/data_loaders.md.
 """
 
 import importlib.util

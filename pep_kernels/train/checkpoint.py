@@ -1,12 +1,5 @@
-"""Files of a search run: safetensors for tensors, JSON metadata inside them, no pickle.
-
-Writes are atomic (a temporary file in the same folder, fsync, rename), so a crash mid-save leaves
-the previous file intact. The temporary file lies in a folder of its own, `.<name>.<random>.tmp`,
-beside `<name>`: safetensors itself writes through a temporary file (`.tmpXXXXXX`) next to the
-file it is given, so a write killed at any point leaves its remains under that one name, and
-whoever writes `<name>` removes them when it starts (`remove_stale_temporaries`). Every file
-carries a sha256 of its metadata and tensors (names, dtypes, shapes and bytes), checked on load:
-a flipped bit anywhere is a ValueError.
+"""Files of a search run: safetensors for tensors, JSON metadata inside them, no pickle; atomic
+writes, and a sha256 of metadata and tensors checked on load (docs/design/search_and_retrain.md).
 """
 
 import contextlib

@@ -1,33 +1,6 @@
-"""Steering a PEP search to its budgets on schedule (the `budget` pruning of `search`).
-
-Left alone (`faithful` pruning, the published recipe), PEP prunes at the pace of the implicit
-Adam-L2 drift of W and s (PEP_SPEC section 3): when a budget is reached depends on lr, decay,
-threshold_init, table size and feature frequencies. The controller turns that into a plan.
-
-Plan: a curve of non-zero counts over steps. From the step-0 count it eases into each budget by
-its planned step along a cubic, `n = n_a - (n_a - n_b) * (1 - (1 - x)^3) / (1 - (1 - 0.8)^3)`
-with `x` running from 0 to 0.8 over the segment: pruning is fastest early in each segment and
-slows into the budget (the schedule of gradual magnitude pruning, Zhu & Gupta 2017), but still
-falls when it passes it, so that the step it is passed at is well defined. Past the last
-planned step the plan falls on in a line at the slope it had there (instead of flattening into
-the cubic's end, ~0.8% of the segment below the budget): where thresholds are shared (global,
-dimension, field modes) the loss pulls s down every step, the count trails the plan by a steady
-margin, and a flattening plan could stop just short of the last budget. By default the planned
-steps are where one cubic from the step-0 sparsity to the last budget's, over the step budget,
-crosses each budget.
-
-Feedback: the threshold scale `gk` (t = gk * sigmoid(s), a scalar argument of the kernels, so
-changing it costs nothing) is set from the counts the search already takes, every
-`count_every` steps. The error is e = ln(measured) - ln(planned); `ln gk` moves by a step
-`delta` in the direction of the error, and `delta` grows by `GROW` while the error keeps its
-sign and shrinks by `SHRINK` when it flips (sign-adaptive steps, as in Rprop), and the step is
-at most a Newton step |e| / k on a running estimate k of -d ln(count) / d ln(gk). The
-sign-adaptive part finds the working range of gk, whatever it is (with threshold_init -15 gk must
-reach ~1e4 before anything prunes, with -4 it works near 1), needing no model of W's
-distribution; the Newton cap keeps a sensitive count from being pushed past the plan. Raising gk
-prunes; lowering it un-prunes, so an overshoot is undone.
-
-Counting is still the only pass over the table; the controller adds arithmetic on two numbers.
+"""Steering a PEP search to its budgets on schedule (the `budget` pruning of `search`): a cubic plan
+of non-zero counts over steps, and the threshold scale gk set from the counts the search already
+takes. Design, and how it was chosen: docs/design/budget_controller.md.
 """
 
 import math

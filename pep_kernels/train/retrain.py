@@ -1,17 +1,6 @@
-"""Lottery-ticket retrain of a search snapshot (PEP_SPEC section 5).
-
-The mask is the snapshot's non-zero pattern. The winning ticket rewinds the table to its step-0
-weights times the mask and every other parameter to its step-0 value, both read from the run's
-`initial.safetensors` (the reference gets this only implicitly, by reusing its seed); the
-control re-initialises everything randomly under the same mask. Training uses the search's
-optimizer and keeps the epoch with the best validation AUC, stopping after `patience` epochs
-without improvement; the test split is scored once, with that epoch's weights.
-
-With `checkpoint_dir`, the retrain is resumable: `fit` writes `checkpoint.safetensors` there
-(model, optimizer, RNG, best epoch so far, progress) every `checkpoint_every` steps and after
-every epoch, and calling `retrain` again with the same arguments resumes from it and ends with
-exactly the weights and metrics of an uninterrupted run. One folder per retrain: a checkpoint
-of another snapshot or other settings is refused.
+"""Lottery-ticket retrain of a search snapshot (PEP_SPEC section 5): the winning ticket (or a random
+control) under the snapshot's mask, resumable from a checkpoint folder.
+Design: docs/design/search_and_retrain.md.
 """
 
 import contextlib

@@ -1,33 +1,8 @@
 """PEP search with parameter budgets: one run, many tables (PEP_SPEC section 4).
 
-Train with PEP; after every step count the non-zeros of the pruned table; whenever the count
-drops to or below the largest remaining budget, save the pruned table under its actual count and
-retire that budget (at most one per step). The step-0 table and the full initial state of every
-parameter are saved first; search stops when every budget is used or the epochs run out.
-
-How the count falls is the `pruning`: "budget" (the default) plans it and steers the threshold
-scale gk from the counts so that each budget is passed at its planned step (`controller`);
-"faithful" is the published recipe, gk fixed and pruning at the pace of the thresholds' drift.
-
-`min_occurrences` K > 0 cuts the features seen fewer than K times in the search's data before the
-first step: their rows of W are zeroed in the initial table (and so in `initial.safetensors`, the
-lottery ticket), and a zero entry gets no gradient through the soft threshold and no L2 pull, so it
-stays zero in every snapshot. The budget is then spent on the features the data can train: with
-budgets of a few entries per row, the controller otherwise spreads them over every row, rare ones
-included (docs/RESULTS.md, "What the recipe's masks keep").
-
-The table trains with the fused row optimizer of `pep_kernels.optim`: Adam with coupled L2,
-`training="faithful"` (every row every step, the published recipe) or `"fast"` (looked-up rows
-only, skipped steps replayed exactly: the same numbers). The rest of the model (and shared
-thresholds) use torch's Adam with the same settings. Non-zeros are counted by a C++ pass over
-W and s (no table copy) every `count_every` steps; in `fast` mode a count first brings every row
-up to date, so counting less often lets the replay batch up.
-
-A run folder holds `initial.safetensors` (every parameter at step 0, and the run spec),
-`snapshot-step<step>.safetensors` (pruned tables), `checkpoint.safetensors` (model, optimizer,
-RNG and progress, rewritten atomically every `checkpoint_every` steps and at epoch ends) and
-`search.json` (the summary). Calling `search` again on the same folder resumes from the
-checkpoint.
+`search` trains with PEP and saves the pruned table whenever its non-zero count passes a budget,
+steered by the budget controller or at the published recipe's own pace, and resumes from its run
+folder. Design: docs/design/search_and_retrain.md.
 """
 
 import json

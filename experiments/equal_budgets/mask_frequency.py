@@ -1,10 +1,10 @@
 """Which rows the controller's and the recipe's masks keep on the synthetic task, by how often each
 feature occurs in the training split (issue 6: why the recipe's AutoInt tables retrain better there).
 
-    python scripts/mask_frequency.py [--model autoint] [--seeds 0 1 2] [--jobs 2] [--work DIR]
-        [--out mask_frequency.md]
+    python experiments/equal_budgets/mask_frequency.py [--model autoint] [--seeds 0 1 2] [--jobs 2] [--work DIR]
+        [--out experiments/equal_budgets/mask_frequency.md]
 
-Per seed, the two searches of scripts/budget_results.py (the controller: threshold_init -15, lr
+Per seed, the two searches of budget_results.py (the controller: threshold_init -15, lr
 1e-2, the 3,000-step plan; the recipe: threshold_init -4, lr 1e-2, faithful pruning), and per
 80/90/95% snapshot: the non-zero count, the rows that keep at least one entry, the entries on rows
 whose planted embedding is empty (pep_kernels.data.synthetic: such features carry no signal), and
@@ -131,9 +131,9 @@ def main(argv=None):
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--work", type=Path, help="keep the searches here (default: a temporary folder)")
-    parser.add_argument("--out", type=Path, default=Path("mask_frequency.md"))
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "mask_frequency.md")
     args = parser.parse_args(argv)
-    command = "python scripts/mask_frequency.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python experiments/equal_budgets/mask_frequency.py " + " ".join(sys.argv[1:] if argv is None else argv)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)

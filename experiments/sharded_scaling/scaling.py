@@ -1,8 +1,9 @@
 """Memory per rank and bytes per step of a PEP table sharded row-wise (pep_kernels.distributed),
 against a dense table of uniform dimension. Arithmetic only: nothing is run or timed.
 
-    python scripts/scaling.py                                   # the tables of docs/scaling.md
-    python scripts/scaling.py --rows 1e9 --dim 32 --density 0.1 --ranks 8 64 512 [--batch 1024 --fields 39]
+    python experiments/sharded_scaling/scaling.py     # the tables of experiments/sharded_scaling/README.md
+    python experiments/sharded_scaling/scaling.py --rows 1e9 --dim 32 --density 0.1 --ranks 8 64 512 \
+        [--batch 1024 --fields 39]
 
 Model (per rank, R ranks, row-wise: each rank holds ceil(N / R) rows; fp32 values):
 - training: PEP's table row is d weights + t thresholds (t = d for feature_dim, 1 for feature, 0

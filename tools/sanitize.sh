@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # AddressSanitizer + UndefinedBehaviorSanitizer run of the C++ kernels.
 #
-#   bash scripts/sanitize.sh            # about 9 min the first time on 2 cores, 2 min when rebuilt
-#   PEP_SANITIZE_CMAKE=0 bash scripts/sanitize.sh   # skip the CMake C++ test
+#   bash tools/sanitize.sh            # about 9 min the first time on 2 cores, 2 min when rebuilt
+#   PEP_SANITIZE_CMAKE=0 bash tools/sanitize.sh   # skip the CMake C++ test
 #
 # 1. Copies the sources into build/sanitize/src (the normal in-place build is untouched; timestamps
 #    are kept, so a rerun recompiles only what changed) and builds pep_kernels._C there with

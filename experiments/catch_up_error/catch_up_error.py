@@ -4,7 +4,7 @@ A table trains dense for `warm` steps on random loss gradients (a share of the r
 so moments differ row to row), then skips `gap` steps: `faithful` applies them one by one,
 `fast` catches up in one call. Prints the error against the median move the steps made.
 
-    python scripts/catch_up_error.py [--rows 4096] [--dim 16] [--lr 1e-3] [--weight-decay 1e-5]
+    python experiments/catch_up_error/catch_up_error.py [--rows 4096] [--dim 16] [--lr 1e-3] [--weight-decay 1e-5]
 """
 
 import argparse

@@ -1,6 +1,6 @@
 """Peak resident memory of building a big PEPEmbedding and exporting it (Linux only).
 
-    python scripts/peak_rss_export.py [--rows 20000000] [--dim 16] [--mode feature_dim]
+    python experiments/export_memory/peak_rss_export.py [--rows 20000000] [--dim 16] [--mode feature_dim]
 
 Phases, each with its own peak (VmHWM, reset between phases through /proc/self/clear_refs):
 building the table (W and s), `nnz()` (the C++ count, no table copy), building the serving

@@ -1,10 +1,11 @@
 """Why PEP's retrained tables lose AUC on MovieLens-100K with ids, and how much a longer search
-wins back. Writes a markdown report (docs/RESULTS.md quotes it) and the raw results beside it.
+wins back. Writes a markdown report and the raw results beside it as .json.
 
-    python scripts/gap_study.py [--models fm deepfm] [--seeds 0 1 2] [--jobs 2] [--out docs/gap_study.md]
+    python experiments/gap_study/gap_study.py [--models fm deepfm] [--seeds 0 1 2] [--jobs 2]
+        [--out experiments/gap_study/gap_study.md]
 
 Per (model, seed), on the seed's 80/10/10 split, every table trained as in
-scripts/budget_results.py (Adam lr 1e-2, coupled L2 1e-5, at most 15 epochs, patience 2):
+experiments/equal_budgets/budget_results.py (Adam lr 1e-2, coupled L2 1e-5, at most 15 epochs, patience 2):
 - references: the full d = 16 table; the same model with a full d = 1 or d = 2 table (every
   feature keeps the same 1 or 2 dimensions: 93.75% / 87.5% fewer parameters); logistic regression
   (the linear term alone, what a model whose embeddings are all pruned falls back to);
@@ -151,14 +152,14 @@ def main(argv=None):
     parser.add_argument("--models", nargs="+", default=list(MODEL_KWARGS), choices=list(MODEL_KWARGS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--jobs", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=Path("gap_study.md"))
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "gap_study.md")
     parser.add_argument("--report-only", action="store_true", help="rewrite the markdown from the .json")
     args = parser.parse_args(argv)
     if args.report_only:
         saved = json.loads(args.out.with_suffix(".json").read_text())
         args.out.write_text(report(saved["results"], saved["command"], saved["seconds"]) + "\n")
         return
-    command = "python scripts/gap_study.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python experiments/gap_study/gap_study.py " + " ".join(argv if argv is not None else sys.argv[1:])
     start = time.perf_counter()
     results = []
     args.out.parent.mkdir(parents=True, exist_ok=True)

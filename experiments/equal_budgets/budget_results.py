@@ -1,12 +1,12 @@
 """PEP at equal budgets on MovieLens-100K (with ids) and the synthetic task: the full table, PEP
 with the budget controller, PEP with the recipe's own pruning, and magnitude pruning, each
-pruned table retrained (lottery ticket) and scored on the test split. Writes the markdown of
-docs/RESULTS.md (issues 3 and 6) and the raw results beside it as .json.
+pruned table retrained (lottery ticket) and scored on the test split. Writes a markdown report
+and the raw results beside it as .json (the runs of this study: README.md in this folder).
 
-    python scripts/budget_results.py [--data ml-100k synthetic=50000] [--models fm deepfm autoint]
-                                     [--seeds 0 1 2] [--jobs 3] [--out docs/budget_results.md]
-    python scripts/budget_results.py --equal-count --out docs/budget_results.md
-    python scripts/budget_results.py --min-occurrences 10 --reuse docs/budget_results.json [...] --out docs/cut.md
+    python experiments/equal_budgets/budget_results.py [--data ml-100k synthetic=50000]
+        [--models fm deepfm autoint] [--seeds 0 1 2] [--jobs 3] [--out experiments/equal_budgets/budget_results.md]
+    python experiments/equal_budgets/budget_results.py --equal-count --out RESULTS.md
+    python experiments/equal_budgets/budget_results.py --min-occurrences 10 --reuse SAVED.json [...] --out CUT.md
 
 Per (data, model, seed), on the seed's 80/10/10 split:
 - full: the full table, Adam lr 1e-2 (coupled L2 1e-5, batch 1024, clipping at 100 throughout).
@@ -14,10 +14,10 @@ Per (data, model, seed), on the seed's 80/10/10 split:
   where the thresholds' own drift hardly prunes; with `--threshold-slope` dimension j starts at
   init + j * slope) and search lr `--search-lr`, planned to pass 80/90/95%
   sparsity by step `--steps` on a cubic; every snapshot retrained. The defaults (lr 1e-2, 3,000
-  steps) are the settings docs/RESULTS.md recommends; lr 1e-3 over 600 steps is the first
-  version (scripts/gap_study.py compares them).
+  steps) are the settings this study recommends; lr 1e-3 over 600 steps is the first
+  version (experiments/gap_study compares them).
 - recipe: `search(pruning="faithful")` with the settings that prune by themselves on this small
-  data (threshold_init -4, lr 1e-2, the former docs/RESULTS.md recipe), at most RECIPE_EPOCHS
+  data (threshold_init -4, lr 1e-2, the recipe of the first tables of this study), at most RECIPE_EPOCHS
   epochs; every snapshot retrained.
 - magnitude: the `nnz` largest entries of the trained full table, at the controller's counts.
 - controller at recipe count: where the recipe passed a budget by a jump and its snapshot holds
@@ -378,14 +378,14 @@ def build_parser():
     parser.add_argument("--report-only", action="store_true", help="rewrite the markdown from the .json")
     parser.add_argument("--equal-count", action="store_true",
                         help="add the equal-count controller rows to the runs in the .json (made without them)")
-    parser.add_argument("--out", type=Path, default=Path("budget_results.md"))
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "budget_results.md")
     return parser
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
     raw = args.out.with_suffix(".json")
-    command = "python scripts/budget_results.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python experiments/equal_budgets/budget_results.py " + " ".join(argv if argv is not None else sys.argv[1:])
     if args.report_only:
         saved = json.loads(raw.read_text())
         args.out.write_text(report(saved["results"], saved["command"], saved["seconds"], saved.get("equal_count")) + "\n")

@@ -2,15 +2,15 @@
 step each budget is reached, the non-zeros there, the retrained AUC at each budget, and the
 search time.
 
-    python scripts/fast_vs_faithful.py [--data ml100k|synthetic] [--models fm deepfm] [--seeds 0 1 2]
-                                       [--count-every 1] [--swaps 0] [--out docs/fast_vs_faithful.md]
+    python experiments/fast_vs_faithful/fast_vs_faithful.py [--data ml100k|synthetic] [--models fm deepfm]
+        [--seeds 0 1 2] [--count-every 1] [--swaps 0] [--out experiments/fast_vs_faithful/fast_vs_faithful.md]
 
-Both searches use the recipe of docs/RESULTS.md (Adam with coupled L2 1e-5, lr 1e-2,
-threshold_init -4, batch 1024) and count non-zeros every `--count-every` steps; the retrain of
-each snapshot is the same lottery-ticket retrain for both. A count brings every `fast` row up to
-date, so the gaps `fast` catches up are at most `--count-every` steps long: counting after every
-step leaves it nothing but one-step replays (the same bits as `faithful`); counting every 200
-steps makes the rows' gaps longer than 4 steps take the closed-form segments.
+Both searches use the recipe that prunes by itself on data this small (Adam with coupled L2 1e-5,
+lr 1e-2, threshold_init -4, batch 1024) and count non-zeros every `--count-every` steps; the
+retrain of each snapshot is the same lottery-ticket retrain for both. A count brings every `fast`
+row up to date, so the gaps `fast` catches up are at most `--count-every` steps long: counting
+after every step leaves it nothing but one-step replays (the same bits as `faithful`); counting
+every 200 steps makes the rows' gaps longer than 4 steps take the closed-form segments.
 
 `--swaps K` adds a control: each faithful snapshot is also retrained with K of its mask entries
 swapped (K kept entries pruned, K pruned ones kept), which shows how much the retrained AUC moves
@@ -101,7 +101,7 @@ def main(argv=None):
     parser.add_argument("--count-every", type=int, default=1)
     parser.add_argument("--swaps", type=int, default=0,
                         help="control: also retrain each faithful snapshot with this many mask entries swapped")
-    parser.add_argument("--out", type=Path, default=Path("fast_vs_faithful.md"))
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "fast_vs_faithful.md")
     args = parser.parse_args(argv)
     # The synthetic task: 200k examples over Zipf-distributed features (8 fields, 3,880 rows).
     data = load_movielens_100k() if args.data == "ml100k" else synthetic_ctr_data(200_000, seed=0)
@@ -159,9 +159,10 @@ def main(argv=None):
               f"{max(count_errors):.2%}.",
               f"- Mean search time: faithful {seconds['faithful']:.1f} s, fast {seconds['fast']:.1f} s "
               f"({torch.get_num_threads()} threads).",
-              f"\nCommand: `python scripts/fast_vs_faithful.py --data {args.data} --count-every {args.count_every} "
-              f"--swaps {args.swaps} --models {' '.join(args.models)} --seeds {' '.join(map(str, args.seeds))} "
-              f"--epochs {args.epochs}`; {time.perf_counter() - start:.0f} s in all."]
+              f"\nCommand: `python experiments/fast_vs_faithful/fast_vs_faithful.py --data {args.data} "
+              f"--count-every {args.count_every} --swaps {args.swaps} --models {' '.join(args.models)} "
+              f"--seeds {' '.join(map(str, args.seeds))} --epochs {args.epochs}`; "
+              f"{time.perf_counter() - start:.0f} s in all."]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
     args.out.with_suffix(".json").write_text(json.dumps(results, indent=1))
