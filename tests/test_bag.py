@@ -261,6 +261,8 @@ def test_module_rejects_what_a_bag_cannot_do():
         soft_threshold_embedding_bag(ids, weight, threshold, offsets, backend="triton")
     with pytest.raises(ValueError, match="backend 'reference' gives dense gradients"):
         soft_threshold_embedding_bag(ids, weight, threshold, offsets, sparse=True, backend="reference")
+    with pytest.raises(ValueError, match="backend 'reference' gives dense gradients"):
+        PEPEmbeddingBag(10, 4, sparse=True, backend="reference")
 
 
 # ---------------------------------------------------------------- fused optimizers
