@@ -5,13 +5,14 @@
 
 #include "optim.h"
 #include "soft_threshold.h"
+#include "soft_threshold_bag.h"
 #include "store.h"
 
 TORCH_LIBRARY(pep_kernels, m) {
   // The soft-threshold lookup (PEP_SPEC sections 1-2). ids are flat; with field_offsets (F + 1
   // row offsets) they are per-field local ids, lookup k in field k % F. The forward returns the
-  // output and the rows it read, which the backward takes. id_errors (int64 [4]) is where the
-  // CUDA kernels record an out-of-range id instead of reading it (pep_kernels/ops/ids.py); the
+  // output and the rows it read, which the backward takes. id_errors (int64 [5]) is where the
+  // CUDA kernels record an out-of-range id instead of reading it (pep_kernels/ops/indices.py); the
   // CPU kernels raise at once.
   m.def("soft_threshold_forward(Tensor ids, Tensor weight, Tensor threshold, str threshold_mode, float gk, "
         "Tensor? field_offsets, Tensor(a!)? id_errors) -> (Tensor, Tensor)");
@@ -31,6 +32,20 @@ TORCH_LIBRARY(pep_kernels, m) {
   m.def("masked_embedding_forward(Tensor ids, Tensor weight, Tensor keep, Tensor? field_offsets, "
         "Tensor(a!)? id_errors) -> (Tensor, Tensor)");
   m.def("masked_embedding_backward(Tensor grad_out, Tensor rows, Tensor keep) -> Tensor");
+  // The soft-thresholded EmbeddingBag: ids pooled per bag (bag_offsets: int64 (B + 1,)), with
+  // optional per-sample weights (sum), "sum" or "mean" pooling, padding_idx -1 for none.
+  m.def("soft_threshold_bag_forward(Tensor ids, Tensor bag_offsets, Tensor? per_sample_weights, Tensor weight, "
+        "Tensor threshold, str threshold_mode, float gk, str pooling, int padding_idx, Tensor(a!)? id_errors) -> Tensor");
+  m.def("soft_threshold_bag_backward(Tensor grad_out, Tensor ids, Tensor bag_offsets, Tensor? per_sample_weights, "
+        "Tensor weight, Tensor threshold, str threshold_mode, float gk, str pooling, int padding_idx, bool sparse) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("soft_threshold_bag_train_forward(Tensor ids, Tensor bag_offsets, Tensor? per_sample_weights, "
+        "Tensor(a!)[] weight_state, Tensor(b!)[] threshold_state, Tensor schedule, Tensor step, str threshold_mode, "
+        "float gk, str pooling, int padding_idx, str kind, float[] hparams, Tensor(c!)? id_errors) -> Tensor");
+  m.def("soft_threshold_bag_backward_step(Tensor grad_out, Tensor ids, Tensor bag_offsets, "
+        "Tensor? per_sample_weights, Tensor(a!)[] weight_state, Tensor(b!)[] threshold_state, Tensor schedule, "
+        "Tensor(c!) step, str threshold_mode, float gk, str pooling, int padding_idx, str kind, float[] hparams, "
+        "Tensor(d!)? id_errors) -> Tensor");
   m.def("row_optimizer_step(Tensor(a!)[] state, Tensor rows, Tensor grads, Tensor schedule, str kind, "
         "float[] hparams, int step) -> ()");
   m.def("row_optimizer_catch_up(Tensor(a!)[] state, Tensor? rows, Tensor schedule, float[] hparams, "
@@ -50,6 +65,10 @@ TORCH_LIBRARY_IMPL(pep_kernels, CPU, m) {
   m.impl("soft_threshold_count_nonzero", &pep_kernels::soft_threshold_count_nonzero);
   m.impl("masked_embedding_forward", &pep_kernels::masked_embedding_forward);
   m.impl("masked_embedding_backward", &pep_kernels::masked_embedding_backward);
+  m.impl("soft_threshold_bag_forward", &pep_kernels::soft_threshold_bag_forward);
+  m.impl("soft_threshold_bag_train_forward", &pep_kernels::soft_threshold_bag_train_forward);
+  m.impl("soft_threshold_bag_backward", &pep_kernels::soft_threshold_bag_backward);
+  m.impl("soft_threshold_bag_backward_step", &pep_kernels::soft_threshold_bag_backward_step);
   m.impl("row_optimizer_step", &pep_kernels::row_optimizer_step);
   m.impl("row_optimizer_catch_up", &pep_kernels::row_optimizer_catch_up);
   m.impl("store_encode", &pep_kernels::store_encode);

@@ -1,13 +1,13 @@
 """pep_kernels: fast, deployable PEP (Plug-in Embedding Pruning, ICLR 2021)."""
 
 from ._validation import MODES as _MODES, threshold_shape
-from .functional import soft_threshold_embedding
-from .modules import MaskedEmbedding, PEPEmbedding, PrunedEmbedding
+from .functional import soft_threshold_embedding, soft_threshold_embedding_bag
+from .modules import MaskedEmbedding, PEPEmbedding, PEPEmbeddingBag, PrunedEmbedding, PrunedEmbeddingBag
 from .store import SparseRowStore
 
 THRESHOLD_MODES = tuple(_MODES)
 
 __all__ = [
-    "MaskedEmbedding", "PEPEmbedding", "PrunedEmbedding", "SparseRowStore", "THRESHOLD_MODES",
-    "soft_threshold_embedding", "threshold_shape",
+    "MaskedEmbedding", "PEPEmbedding", "PEPEmbeddingBag", "PrunedEmbedding", "PrunedEmbeddingBag", "SparseRowStore",
+    "THRESHOLD_MODES", "soft_threshold_embedding", "soft_threshold_embedding_bag", "threshold_shape",
 ]

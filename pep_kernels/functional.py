@@ -4,7 +4,9 @@ the C++ kernel for CPU tensors and the Triton kernel for CUDA tensors)."""
 import torch
 
 from . import reference
-from ._validation import check_gk, check_ids_in_range, check_lookup
+from ._validation import (bag_inputs, check_bag_mode, check_bag_offsets, check_gk, check_ids_in_range, check_lookup,
+                          check_pooling, padding_row)
+from .ops.bag import SoftThresholdBagFunction
 from .ops.indices import BOUNDS_CHECKS, DeferredIdErrors, check_field_ids, offset_field_ids
 from .ops.soft_threshold import SoftThresholdEmbeddingFunction, kernels
 
@@ -35,11 +37,12 @@ def resolve_bounds_check(bounds_check, device):
     return bounds_check
 
 
-def prepare_id_check(indices, num_rows, field_offsets, backend, bounds_check, id_errors):
-    """Checks the ids now ("strict": raises before any kernel runs; on a GPU one host sync), or
-    returns the `DeferredIdErrors` the kernels record into ("deferred": polled first, so that an
-    error of an earlier call is raised now if its record has reached the host). The C++ kernels
-    check ids themselves and raise at once: nothing to do or to defer for them."""
+def prepare_id_check(indices, num_rows, field_offsets, backend, bounds_check, id_errors, bag_offsets=None):
+    """Checks the ids (and a bag lookup's offsets) now ("strict": raises before any kernel runs;
+    on a GPU one host sync), or returns the `DeferredIdErrors` the kernels record into
+    ("deferred": polled first, so that an error of an earlier call is raised now if its record
+    has reached the host). The C++ kernels check ids themselves and raise at once: nothing to do
+    or to defer for them."""
     device = indices.device
     bounds_check = resolve_bounds_check(bounds_check, device)
     if device.type == "cpu" and backend != "triton":
@@ -49,13 +52,19 @@ def prepare_id_check(indices, num_rows, field_offsets, backend, bounds_check, id
             check_field_ids(indices, field_offsets.diff())
         else:
             check_ids_in_range(indices, num_rows)
+        if bag_offsets is not None:
+            check_bag_offsets(bag_offsets, indices.numel())
         return None
-    if id_errors is None:
-        id_errors = _FUNCTIONAL_ID_ERRORS.get(device)
-        if id_errors is None:
-            id_errors = _FUNCTIONAL_ID_ERRORS[device] = DeferredIdErrors(device)
+    id_errors = id_errors or functional_id_errors(device)
     id_errors.poll()
     return id_errors
+
+
+def functional_id_errors(device):
+    """The `DeferredIdErrors` of functional calls on `device` that bring none of their own."""
+    if device not in _FUNCTIONAL_ID_ERRORS:
+        _FUNCTIONAL_ID_ERRORS[device] = DeferredIdErrors(device)
+    return _FUNCTIONAL_ID_ERRORS[device]
 
 
 def soft_threshold_embedding(
@@ -121,3 +130,43 @@ def soft_threshold_rows(weight, threshold_rows, gk=1.0):
         dtype = weight.dtype
     out, _ = kernels("auto").soft_threshold_forward(ids, weight, threshold_rows, mode, gk, None, None)
     return out.to(dtype)
+
+
+def soft_threshold_embedding_bag(
+    input, weight, threshold, offsets=None, *, mode="feature_dim", gk=1.0, pooling="mean", per_sample_weights=None,
+    include_last_offset=False, padding_idx=None, sparse=False, backend="auto", bounds_check=None, id_errors=None,
+):
+    """`F.embedding_bag` of the soft-thresholded table (PEP): (B, d), each bag's soft-thresholded
+    rows pooled in the same pass, with no (lookups, d) intermediate.
+
+    Input forms as `F.embedding_bag`'s: 2-D `input` (B, L) is B bags of L ids; 1-D `input` with
+    `offsets`, the start of each bag (B,), or with `include_last_offset` B + 1 offsets ending at
+    len(input). `pooling` "sum" or "mean" (F.embedding_bag's `mode`; here `mode` is the threshold
+    mode, as in `soft_threshold_embedding`: global, dimension, feature or feature_dim);
+    `per_sample_weights` (the shape of `input`, sum only) scale the rows; lookups of `padding_idx`
+    add nothing, count in no mean and get no gradient. An empty bag is zeros. `sparse=True` gives
+    row-sparse gradients of `weight` and of per-row thresholds, holding the rows the lookups reach
+    (as `soft_threshold_embedding`'s: coalesced on CPU, one entry per lookup on GPU). Backends and
+    `bounds_check` as `soft_threshold_embedding`'s (a deferred check also covers the offsets).
+    Gradients are deterministic on every backend.
+    """
+    check_bag_mode(mode)
+    gk = check_lookup(input, weight, threshold, mode, gk)
+    check_pooling(pooling)
+    padding_idx = padding_row(padding_idx, weight.shape[0])
+    backend = resolve_backend(backend, weight.device)
+    if backend == "reference":
+        if sparse:
+            raise ValueError("backend 'reference' gives dense gradients: sparse=True needs a kernel backend")
+        return reference.soft_threshold_embedding_bag(input, weight, threshold, offsets, mode, gk, pooling,
+                                                      per_sample_weights, include_last_offset, padding_idx)
+    ids, bag_offsets, per_sample_weights = bag_inputs(input, offsets, per_sample_weights, include_last_offset, pooling)
+    errors = prepare_id_check(ids, weight.shape[0], None, backend, bounds_check, id_errors, bag_offsets)
+    # Always a record, also where nothing reads it (the checks ran already, or the C++ kernel raises
+    # itself): torch 2.13's inductor fails on a one-output op whose optional mutable argument is None.
+    record = (errors or id_errors or functional_id_errors(weight.device)).record
+    out = SoftThresholdBagFunction.apply(ids, bag_offsets, per_sample_weights, weight, threshold, mode, gk, pooling,
+                                         -1 if padding_idx is None else padding_idx, sparse, record, backend)
+    if errors is not None:
+        errors.after_launch()
+    return out

@@ -3,9 +3,12 @@
 import torch
 from torch import nn
 
-from ._validation import (PER_FIELD, PER_ROW, check_field_dims, check_gk, check_ids_shape, check_lookup,
-                          initial_thresholds, mode_layout, threshold_shape)
-from .functional import prepare_id_check, resolve_backend, soft_threshold_embedding, soft_threshold_rows
+from ._validation import (PER_FIELD, PER_ROW, bag_inputs, check_bag_mode, check_bag_offsets, check_field_dims, check_gk,
+                          check_ids_shape, check_lookup, check_pooling, initial_thresholds, mode_layout, padding_row,
+                          threshold_shape)
+from .functional import (prepare_id_check, resolve_backend, soft_threshold_embedding, soft_threshold_embedding_bag,
+                         soft_threshold_rows)
+from .ops.bag import FusedBagStepFunction
 from .ops.indices import DeferredIdErrors, offset_field_ids
 from .ops.optim import FusedStepFunction
 from .ops.soft_threshold import MaskedEmbeddingFunction, expand_threshold, kernels
@@ -209,9 +212,14 @@ class PEPEmbedding(_FieldTable):
         grad_s = kernels(backend).soft_threshold_backward_step(
             grad_out, rows, weight_state, threshold_state, self._adam_schedule(), self.optimizer_step,
             self.threshold_mode, self.gk, self.optimizer.kind, self.optimizer.hparams(), self.id_errors.record)
+        self._count_step()
+        return None if "threshold" in self._optimized_parameters() else grad_s
+
+    def _count_step(self):
+        """The host count of a step the kernels took (unknown while a CUDA graph is captured: its
+        replays step on the device only)."""
         capturing = self.weight.is_cuda and torch.cuda.is_current_stream_capturing()
         self._steps = None if capturing or self._steps is None else self._steps + 1
-        return None if "threshold" in self._optimized_parameters() else grad_s
 
     def forward(self, indices):
         if self.optimizer is None:
@@ -265,6 +273,98 @@ class PEPEmbedding(_FieldTable):
         return (
             f"{self.num_embeddings}, {self.embedding_dim}, threshold_mode={self.threshold_mode!r}, "
             f"gk={self.gk}{fields}, sparse={self.sparse}, backend={self.backend!r}"
+            + ("" if self.optimizer is None else f", optimizer={self.optimizer!r}")
+        )
+
+
+class PEPEmbeddingBag(PEPEmbedding):
+    """A drop-in for `nn.EmbeddingBag` whose table is soft-thresholded by learnable thresholds
+    (PEP): each bag pools the soft-thresholded rows of its ids in one pass (C++ on CPU), with no
+    (lookups, d) intermediate.
+
+    `forward(input, offsets=None, per_sample_weights=None)` takes nn.EmbeddingBag's forms: 2-D
+    `input` (B, L) is B bags of L ids; 1-D `input` with `offsets`, the start of each bag (B,), or
+    with `include_last_offset=True` B + 1 offsets ending at len(input). `mode` is the pooling,
+    "sum" or "mean" (nn.EmbeddingBag's default; "max" has no kernel); `per_sample_weights` (the
+    shape of `input`, sum only) scale the rows and get their gradient. Lookups of `padding_idx`
+    add nothing, count in no mean and get no gradient; its row starts at zero. An empty bag is zeros.
+
+    The rest is `PEPEmbedding`'s: `threshold_mode` among the modes a bag can use (global,
+    dimension, feature, feature_dim: the field modes need a field axis), `threshold_init`,
+    `threshold_slope`, `gk`, `sparse` (row-sparse gradients), `backend` ("auto", "cpu",
+    "reference"), `optimizer` (a fused `pep_kernels.optim` rule, its state in buffers) and the
+    table API (nnz, sparsity, pruned_weight, pruned_row_blocks, mask, dims_per_row, sync).
+    """
+
+    def __init__(
+        self, num_embeddings, embedding_dim, *, mode="mean", padding_idx=None, include_last_offset=False,
+        threshold_mode="feature_dim", threshold_init=-15.0, threshold_slope=0.0, gk=1.0, sparse=False, backend="auto",
+        optimizer=None, bounds_check=None, device=None, dtype=None,
+    ):
+        check_bag_mode(threshold_mode)
+        check_pooling(mode, "mode")
+        if sparse and backend == "reference":
+            raise ValueError("backend 'reference' gives dense gradients: sparse=True needs a kernel backend")
+        super().__init__(num_embeddings, embedding_dim, threshold_mode=threshold_mode, threshold_init=threshold_init,
+                         threshold_slope=threshold_slope, gk=gk, sparse=sparse, backend=backend, optimizer=optimizer,
+                         bounds_check=bounds_check, device=device, dtype=dtype)
+        self.mode, self.include_last_offset = mode, bool(include_last_offset)
+        self.padding_idx = padding_row(padding_idx, num_embeddings)
+        if self.padding_idx is not None:
+            with torch.no_grad():
+                self.weight[self.padding_idx].fill_(0)
+
+    @property
+    def padding_row(self):
+        """`padding_idx` as the bag ops take it: -1 for none."""
+        return -1 if self.padding_idx is None else self.padding_idx
+
+    def forward(self, input, offsets=None, per_sample_weights=None):
+        if self.optimizer is None:
+            return soft_threshold_embedding_bag(
+                input, self.weight, self.threshold, offsets, mode=self.threshold_mode, gk=self.gk, pooling=self.mode,
+                per_sample_weights=per_sample_weights, include_last_offset=self.include_last_offset,
+                padding_idx=self.padding_idx, sparse=self.sparse, backend=self.backend, bounds_check=self.bounds_check,
+                id_errors=self.id_errors,
+            )
+        return self._fused_bags(input, offsets, per_sample_weights)
+
+    @torch.compiler.disable  # as PEPEmbedding._fused_lookup
+    def _fused_bags(self, input, offsets, per_sample_weights):
+        check_lookup(input, self.weight, self.threshold, self.threshold_mode, self.gk)
+        ids, bag_offsets, weights = bag_inputs(input, offsets, per_sample_weights, self.include_last_offset, self.mode)
+        backend = resolve_backend(self.backend, self.weight.device)
+        errors = prepare_id_check(ids, self.num_embeddings, None, backend, self.bounds_check, self.id_errors,
+                                  bag_offsets)
+        out = FusedBagStepFunction.apply(ids, bag_offsets, weights, self.weight, self.threshold, self, backend, errors)
+        if errors is not None:
+            errors.after_launch()
+        return out
+
+    def bag_train_forward(self, ids, bag_offsets, per_sample_weights, backend, errors):
+        """The fused bag lookup's forward (`FusedBagStepFunction`): (B, d)."""
+        weight_state, threshold_state = self._training_state()
+        return kernels(backend).soft_threshold_bag_train_forward(
+            ids, bag_offsets, per_sample_weights, weight_state, threshold_state, self._adam_schedule(),
+            self.optimizer_step, self.threshold_mode, self.gk, self.mode, self.padding_row, self.optimizer.kind,
+            self.optimizer.hparams(), None if errors is None else errors.record)
+
+    def bag_backward_step(self, grad_out, ids, bag_offsets, per_sample_weights, backend):
+        """The fused bag lookup's backward: one optimizer step on the rows the bags reach (every row
+        for `faithful` Adam); returns the gradient of a shared threshold, else None."""
+        weight_state, threshold_state = self._training_state()
+        grad_s = kernels(backend).soft_threshold_bag_backward_step(
+            grad_out, ids, bag_offsets, per_sample_weights, weight_state, threshold_state, self._adam_schedule(),
+            self.optimizer_step, self.threshold_mode, self.gk, self.mode, self.padding_row, self.optimizer.kind,
+            self.optimizer.hparams(), self.id_errors.record)
+        self._count_step()
+        return None if "threshold" in self._optimized_parameters() else grad_s
+
+    def extra_repr(self):
+        return (
+            f"{self.num_embeddings}, {self.embedding_dim}, mode={self.mode!r}, threshold_mode={self.threshold_mode!r}, "
+            f"gk={self.gk}, padding_idx={self.padding_idx}, include_last_offset={self.include_last_offset}, "
+            f"sparse={self.sparse}, backend={self.backend!r}"
             + ("" if self.optimizer is None else f", optimizer={self.optimizer!r}")
         )
 
@@ -370,3 +470,40 @@ class PrunedEmbedding(_FieldTable):
 
     def extra_repr(self):
         return "" if self.field_dims is None else f"fields={self.field_dims.numel()}"
+
+
+class PrunedEmbeddingBag(PrunedEmbedding):
+    """Serving: bags of a pruned table read from a `SparseRowStore` (its `lookup_bag`), with
+    nn.EmbeddingBag's calling conventions as `PEPEmbeddingBag` takes them (`mode` sum or mean,
+    `padding_idx`, `include_last_offset`), so that a trained model swaps its bag table for it:
+
+        model.bag = PrunedEmbeddingBag(SparseRowStore.from_module(model.bag), mode=model.bag.mode,
+                                       padding_idx=model.bag.padding_idx)
+
+    Float32 (B, d). The store sums a bag in id order, as torch and the CPU kernel of
+    `PEPEmbeddingBag` do: an fp32 store's plain sums are theirs bit for bit wherever its rows
+    equal theirs; it rounds means (times 1 / count) and weighted rows (a product, then a sum) its
+    own way, within an ulp of each addition.
+    """
+
+    def __init__(self, store, *, mode="mean", padding_idx=None, include_last_offset=False):
+        check_pooling(mode, "mode")
+        super().__init__(store)
+        self.mode, self.include_last_offset = mode, bool(include_last_offset)
+        self.padding_idx = padding_row(padding_idx, store.num_embeddings)
+
+    def forward(self, input, offsets=None, per_sample_weights=None):
+        ids, bag_offsets, weights = bag_inputs(input, offsets, per_sample_weights, self.include_last_offset, self.mode)
+        # The store takes each bag's start and ends the last bag at len(ids): the B + 1 offsets are
+        # checked here, so that a last offset short of len(ids) is refused, not read as the end.
+        check_bag_offsets(bag_offsets, ids.numel())
+        if self.padding_idx is not None:
+            # The store knows no padding: its lookups leave the bags (and a mean's count).
+            keep = ids != self.padding_idx
+            bag_offsets = torch.nn.functional.pad(torch.cumsum(keep, 0), (1, 0))[bag_offsets]
+            ids = ids[keep]
+            weights = None if weights is None else weights[keep]
+        return self.store.lookup_bag(ids, bag_offsets[:-1], mode=self.mode, per_sample_weights=weights)
+
+    def extra_repr(self):
+        return f"mode={self.mode!r}, padding_idx={self.padding_idx}, include_last_offset={self.include_last_offset}"

@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from triton.runtime import interpreter
 
 from utils import HAS_CUDA, MODES, PER_ROW_MODES
-from pep_kernels import MaskedEmbedding, PEPEmbedding, soft_threshold_embedding
+from pep_kernels import MaskedEmbedding, PEPEmbedding, PEPEmbeddingBag, soft_threshold_embedding
 from pep_kernels.optim import SGD, Adagrad, Adam
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -210,6 +210,35 @@ def test_masked_embedding_reads_nothing_back(no_host_reads):
     with no_host_reads() as guard:
         emb(ids).backward(target)
     assert guard.launches == 3 and sorted(guard.ops) == ["sort", "zeros"], (guard.launches, guard.ops)
+
+
+@pytest.mark.parametrize("rule", [None, "adam_fast", "rowwise_adagrad"])
+@pytest.mark.parametrize("mode", ["feature_dim", "global"])
+def test_bag_lookup_and_step_read_nothing_back(no_host_reads, mode, rule):
+    """PEPEmbeddingBag (sum, per-sample weights): the pooled forward is one kernel; the backward,
+    or the step, sorts once and runs the two backward kernels (a shared threshold adds its sum)."""
+    torch.manual_seed(0)
+    emb = PEPEmbeddingBag(12, 6, mode="sum", include_last_offset=True, threshold_mode=mode, threshold_init=-1.0,
+                          optimizer=None if rule is None else RULES[rule], backend="triton",
+                          bounds_check="deferred", device=DEVICE)
+    for step in range(3):
+        gen = torch.Generator().manual_seed(step)
+        ids = torch.randint(0, 12, (20,), generator=gen).to(DEVICE)
+        offsets = torch.tensor([0, 5, 5, 12, 20], device=DEVICE)
+        weights = torch.rand(20, generator=gen).to(DEVICE)
+        target = torch.randn(4, 6, generator=gen).to(DEVICE)
+        emb.weight.grad = emb.threshold.grad = None
+        with no_host_reads() if step else contextlib.nullcontext() as guard:
+            out = emb(ids, offsets, weights)
+            forward = (guard.launches, list(guard.ops)) if step else None
+            out.backward(target)
+        if not step:
+            continue
+        assert forward == (1, []), forward
+        kernels = guard.launches + len(guard.ops)
+        shared = mode not in PER_ROW_MODES
+        expected = 4 + shared + (rule is None) * (1 + (not shared))  # dense gradients: zeros of W (and s)
+        assert kernels == expected, (guard.launches, guard.ops)
 
 
 @pytest.mark.parametrize("field_dims", [None, [5, 4, 3]])

@@ -18,9 +18,10 @@ BOUNDS_CHECKS = ("strict", "deferred")
 
 # Layout of an error record (int64): what went wrong (NO_ERROR while nothing did), the position of
 # the lookup in the flattened ids, the id, its field (-1 for global ids) and the number of ids
-# valid there (the field's size or the table's rows). The first error stays until it is raised:
+# valid there (the field's size or the table's rows); for a bag offset, its index, its value and
+# the number of ids. The first error stays until it is raised:
 # later ones do not overwrite it.
-NO_ERROR, BAD_ID, SCHEDULE_EXHAUSTED = -1, 0, 1
+NO_ERROR, BAD_ID, SCHEDULE_EXHAUSTED, BAD_OFFSET = -1, 0, 1, 2
 RECORD_SIZE = 5
 
 
@@ -135,6 +136,9 @@ class DeferredIdErrors(nn.Module):
         if kind == SCHEDULE_EXHAUSTED:
             raise RuntimeError(f"the optimizer step {value} is past the Adam schedule the kernels were given "
                                "(a CUDA graph replayed more steps than it was captured for: capture it again)")
+        if kind == BAD_OFFSET:
+            raise ValueError(f"bag offsets must start at 0, be non-decreasing and end at the number of ids {size}, "
+                             f"got offsets[{position}] = {value} (found by the kernels after the lookup ran)")
         where = f" (position {position} of the flattened ids, found by the kernels after the lookup ran)"
         if field >= 0:
             raise IndexError(field_id_message(value, field, size) + where)

@@ -1,6 +1,6 @@
-"""The soft-threshold embedding lookup on GPU: Triton kernels, their launchers (the CUDA kernels
-of the pep_kernels lookup ops, whose CPU kernels are C++), the ops' fake kernels, and the
-autograd Function of the lookup.
+"""The soft-threshold embedding lookup and bag on GPU: Triton kernels, their launchers (the CUDA
+kernels of the pep_kernels lookup, bag and masked ops, whose CPU kernels are C++), the ops' fake
+kernels, and the autograd Functions of the lookup and of the masked lookup.
 
     out[k, :] = sign(W[r_k]) * relu(|W[r_k]| - gk * sigmoid(s[...]))      (PEP_SPEC 1-2)
 
@@ -18,7 +18,9 @@ No host synchronisation anywhere (docs/design/gpu_path.md):
 - shared thresholds (global, dimension, field modes) get one term per lookup, summed by one torch
   reduction;
 - the optimizer's step counter lives on the device: the last program of the last kernel of a
-  fused step increments it.
+  fused step increments it;
+- a bag is pooled by one program (its lookups in tiles, summed in registers); its backward is the
+  lookup's, each lookup's upstream gradient its bag's (found by a binary search of the offsets).
 """
 
 import functools
@@ -30,11 +32,12 @@ import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
 from .._validation import PER_FIELD, PER_ROW, mode_layout
-from .indices import BAD_ID, NO_ERROR, SCHEDULE_EXHAUSTED
+from .indices import BAD_ID, BAD_OFFSET, NO_ERROR, SCHEDULE_EXHAUSTED
 from . import optim_triton
 from .optim_triton import KIND_CODES, _adam_element, _adam_replay, _fp32, _scalars, _segments, _unfused_product
 
-_NO_ERROR, _BAD_ID, _SCHEDULE_EXHAUSTED = tl.constexpr(NO_ERROR), tl.constexpr(BAD_ID), tl.constexpr(SCHEDULE_EXHAUSTED)
+_NO_ERROR, _BAD_ID, _BAD_OFFSET = tl.constexpr(NO_ERROR), tl.constexpr(BAD_ID), tl.constexpr(BAD_OFFSET)
+_SCHEDULE_EXHAUSTED = tl.constexpr(SCHEDULE_EXHAUSTED)
 
 
 def _load_library():
@@ -190,6 +193,20 @@ def _next_step(step_ptr, sched_len, err_ptr, NEEDS_SCHEDULE: tl.constexpr):
     return u, ok
 
 
+@triton.jit
+def _bag_of(bag_offsets_ptr, num_bags, search_steps, position):
+    """The bag of each lookup: the last b with bag_offsets[b] <= position (a binary search of
+    `search_steps` = ceil(log2(B + 1)) halvings; empty bags are stepped over)."""
+    lo = tl.zeros_like(position)
+    hi = lo + num_bags
+    for _ in range(search_steps):
+        mid = (lo + hi + 1) // 2
+        below = tl.load(bag_offsets_ptr + mid, mask=mid <= num_bags, other=0) <= position
+        lo = tl.where(below, mid, lo)
+        hi = tl.where(below, hi, mid - 1)
+    return tl.minimum(lo, num_bags - 1)
+
+
 # --- the kernels --------------------------------------------------------------------------------------
 
 @triton.jit
@@ -229,18 +246,86 @@ def _forward_kernel(
 
 
 @triton.jit
+def _bag_forward_kernel(
+    ids_ptr, bag_offsets_ptr, psw_ptr, w_ptr, s_ptr, out_ptr, err_ptr,
+    wm_ptr, wv_ptr, wlast_ptr, sm_ptr, sv_ptr, slast_ptr, sched_ptr, seg_ptr, step_ptr,
+    n, num_bags, dim, num_rows, padding_idx, gk,
+    stride_w, stride_wd, stride_s, stride_sd, sched_len, eps, weight_decay, beta2, one_minus_beta1, one_minus_beta2,
+    ROW_SOURCE: tl.constexpr, PER_DIM: tl.constexpr, MEAN: tl.constexpr, HAS_PSW: tl.constexpr, RECORD: tl.constexpr,
+    CATCH_UP: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # Program b pools bag b: its lookups in tiles of BLOCK_L, soft-thresholded and summed in
+    # registers; nothing of size (lookups, d) is written. A bag whose offsets are out of order
+    # reads nothing and is recorded (deferred: raised by the caller later).
+    bag = tl.program_id(0).to(tl.int64)
+    start = tl.load(bag_offsets_ptr + bag)
+    end = tl.load(bag_offsets_ptr + bag + 1)
+    bad_start = (start < 0) | (start > n) | ((bag == 0) & (start != 0))
+    bad_end = (end < start) | (end > n) | ((bag == num_bags - 1) & (end != n))
+    if RECORD:
+        at = tl.zeros((1,), tl.int64)
+        bad = (at + (bad_start | bad_end).to(tl.int64)) != 0
+        _record_error(err_ptr, bad, _BAD_OFFSET, at + bag + bad_end.to(tl.int64),
+                      at + tl.where(bad_end, end, start), at - 1, at + n)
+    ok_bag = ~(bad_start | bad_end)
+    start = tl.where(ok_bag, start, 0)
+    end = tl.where(ok_bag, end, 0)
+    cols = tl.arange(0, BLOCK_D)
+    in_dim = (cols < dim)[None, :]
+    acc = tl.zeros((BLOCK_D,), tl.float32)
+    count = tl.zeros((1,), tl.int64)
+    if CATCH_UP:
+        step = tl.minimum(tl.load(step_ptr), sched_len - 1)
+    for k0 in range(start, end, BLOCK_L):
+        offs = k0 + tl.arange(0, BLOCK_L).to(tl.int64)
+        live = offs < end
+        raw = tl.load(ids_ptr + offs, mask=live, other=0).to(tl.int64)
+        in_range = (raw >= 0) & (raw < num_rows)
+        if RECORD:
+            _record_error(err_ptr, live & ~in_range, _BAD_ID, offs, raw, offs * 0 - 1, offs * 0 + num_rows)
+        used = live & (raw != padding_idx)
+        ok = used & in_range
+        row = tl.where(ok, raw, 0)
+        mask = ok[:, None] & in_dim
+        w = _rows_tile(w_ptr, row, cols, mask, stride_w, stride_wd)
+        scols = cols if PER_DIM else cols * 0
+        s = _rows_tile(s_ptr, _threshold_rows(row, offs, 1, ROW_SOURCE), scols, mask, stride_s, stride_sd)
+        if CATCH_UP:
+            w, _, _ = _caught_up(w, row, cols, mask, ok, wm_ptr, wv_ptr, wlast_ptr, dim, step, sched_ptr, sched_len,
+                                 seg_ptr, eps, weight_decay, beta2, one_minus_beta1, one_minus_beta2, False)
+            if ROW_SOURCE == 1:
+                s, _, _ = _caught_up(s, row, scols, mask, ok, sm_ptr, sv_ptr, slast_ptr, dim if PER_DIM else 1, step,
+                                     sched_ptr, sched_len, seg_ptr, eps, weight_decay, beta2, one_minus_beta1,
+                                     one_minus_beta2, False)
+        value = _soft_threshold(w, gk * tl.sigmoid(s))
+        if HAS_PSW:
+            value = value * tl.load(psw_ptr + offs, mask=ok, other=0.0).to(tl.float32)[:, None]
+        acc += tl.sum(tl.where(mask, value, 0.0), axis=0)
+        count += tl.sum(used.to(tl.int64), axis=0)
+    if MEAN:
+        acc = tl.where(count > 0, tl.div_rn(acc, tl.maximum(count, 1).to(tl.float32)), 0.0)
+    tl.store(out_ptr + bag * dim + cols, acc.to(out_ptr.dtype.element_ty), mask=cols < dim)
+
+
+@triton.jit
 def _backward_chunk_kernel(
     grad_ptr, sorted_ptr, order_ptr, w_ptr, s_ptr,
     gw_ptr, gs_ptr, sparse_rows_ptr, contrib_ptr, head_w_ptr, tail_w_ptr, head_s_ptr, tail_s_ptr,
     w1_ptr, w2_ptr, wlast_ptr, s1_ptr, s2_ptr, slast_ptr, sched_ptr, seg_ptr, step_ptr, err_ptr,
+    bag_offsets_ptr, psw_ptr, counts_ptr, grad_psw_ptr,
     n, dim, num_rows, num_threshold_rows, gk, stride_g, stride_gd,
     stride_w, stride_wd, stride_s, stride_sd, sched_len, lr, eps, weight_decay, beta2, one_minus_beta1, one_minus_beta2,
+    num_bags, search_steps, padding_idx,
     ROW_SOURCE: tl.constexpr, PER_DIM: tl.constexpr, MASKED: tl.constexpr, OUT: tl.constexpr, KIND: tl.constexpr,
-    CATCH_UP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    CATCH_UP: tl.constexpr, BAGS: tl.constexpr, HAS_PSW: tl.constexpr, HAS_COUNTS: tl.constexpr,
+    PSW_GRAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # Chunk c holds sorted lookups c*BLOCK_N .. c*BLOCK_N + BLOCK_N - 1. A run of one row that
     # starts and ends in the chunk is finished here; the part of a run that crosses the chunk's
-    # first (head) or last (tail) boundary is left as a partial sum for the runs kernel.
+    # first (head) or last (tail) boundary is left as a partial sum for the runs kernel. Bags
+    # (BAGS: 1 sum, 2 mean): lookup k's upstream gradient is its bag's, times its per-sample
+    # weight or 1 / the bag's count; the rows are the raw ids (out-of-range ones and padding_idx
+    # take no part).
     chunk = tl.program_id(0).to(tl.int64)
     lanes = tl.arange(0, BLOCK_N)
     offs = chunk * BLOCK_N + lanes
@@ -248,7 +333,7 @@ def _backward_chunk_kernel(
     row = tl.load(sorted_ptr + offs, mask=live, other=num_rows).to(tl.int64)
     prev = tl.load(sorted_ptr + offs - 1, mask=live & (offs > 0), other=-1).to(tl.int64)
     after = tl.load(sorted_ptr + offs + 1, mask=offs + 1 < n, other=-1).to(tl.int64)
-    ok = live & (row < num_rows)
+    ok = live & (row >= 0) & (row < num_rows) & (row != padding_idx)
     starts = row != prev
     ends = row != after
     first_start = tl.min(tl.where(starts & live, lanes, BLOCK_N), axis=0)
@@ -261,7 +346,20 @@ def _backward_chunk_kernel(
     cols = tl.arange(0, BLOCK_D)
     in_dim = (cols < dim)[None, :]
     mask = ok[:, None] & in_dim
-    g = _rows_tile(grad_ptr, position, cols, mask, stride_g, stride_gd)
+    if BAGS:
+        bag = _bag_of(bag_offsets_ptr, num_bags, search_steps, position)
+        g = _rows_tile(grad_ptr, bag, cols, mask, stride_g, stride_gd)
+        if HAS_PSW:
+            g = g * tl.load(psw_ptr + position, mask=ok, other=0.0).to(tl.float32)[:, None]
+        elif BAGS == 2:
+            if HAS_COUNTS:
+                count = tl.load(counts_ptr + bag, mask=ok, other=1)
+            else:
+                count = tl.load(bag_offsets_ptr + bag + 1, mask=ok, other=1) - tl.load(bag_offsets_ptr + bag, mask=ok,
+                                                                                      other=0)
+            g = tl.div_rn(g, tl.maximum(count, 1).to(tl.float32)[:, None])
+    else:
+        g = _rows_tile(grad_ptr, position, cols, mask, stride_g, stride_gd)
     w = _rows_tile(w_ptr, row, cols, mask, stride_w, stride_wd)
     u, step_ok = _next_step(step_ptr, sched_len, err_ptr, OUT == 2 and KIND == 3)
     caught_up_to = tl.minimum(u - 1, sched_len - 1)
@@ -287,6 +385,10 @@ def _backward_chunk_kernel(
     restarts = tl.broadcast_to(starts[:, None], (BLOCK_N, BLOCK_D)).to(tl.int32)
     if not MASKED:  # G * sign(W) where the entry passes, from the W the forward read
         g_sign = tl.where(passes, tl.where(w < 0, -g, g), 0.0)
+        if PSW_GRAD:  # d out / d per_sample_weight: the bag's gradient dotted with the looked-up row
+            bag_g = _rows_tile(grad_ptr, bag, cols, mask, stride_g, stride_gd)
+            pruned = _soft_threshold(w, gk * y)
+            tl.store(grad_psw_ptr + position, tl.sum(tl.where(mask, bag_g * pruned, 0.0), axis=1), mask=live)
 
     # W: the run sums of G * [passes].
     gw, _ = tl.associative_scan((tl.where(passes, g, 0.0), restarts), 0, _segmented_sum)
@@ -343,7 +445,7 @@ def _backward_runs_kernel(
     w1_ptr, w2_ptr, wlast_ptr, s1_ptr, s2_ptr, slast_ptr, sched_ptr, seg_ptr, step_ptr, err_ptr, counter_ptr,
     n, num_chunks, dim, num_rows, gk,
     stride_w, stride_wd, stride_s, stride_sd, sched_len, lr, eps, weight_decay, beta2, one_minus_beta1, one_minus_beta2,
-    ROW_SOURCE: tl.constexpr, PER_DIM: tl.constexpr, OUT: tl.constexpr, KIND: tl.constexpr, CATCH_UP: tl.constexpr,
+    padding_idx, ROW_SOURCE: tl.constexpr, PER_DIM: tl.constexpr, OUT: tl.constexpr, KIND: tl.constexpr, CATCH_UP: tl.constexpr,
     FINISH_STEP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # Program c finishes the run that starts in chunk c and continues past it, if there is one:
@@ -355,7 +457,7 @@ def _backward_runs_kernel(
         row = tl.load(sorted_ptr + last).to(tl.int64)
         after = tl.load(sorted_ptr + last + 1, mask=last + 1 < n, other=-1).to(tl.int64)
         before = tl.load(sorted_ptr + chunk * BLOCK_N - 1, mask=chunk > 0, other=-1).to(tl.int64)
-        if (row == after) & (row < num_rows) & (row != before):
+        if (row == after) & (row >= 0) & (row < num_rows) & (row != padding_idx) & (row != before):
             cols = tl.arange(0, BLOCK_D)
             in_dim = (cols < dim)[None, :]
             s_cols = dim if PER_DIM else 1
@@ -550,12 +652,34 @@ def _forward(ids, weight, threshold, mode, gk, field_offsets, id_errors, trainin
     return out, rows
 
 
-def _backward(grad_out, rows, weight, threshold, mode, gk, out_kind, training=None, id_errors=None, masked=False):
+class _Bags:
+    """What the backward kernels take of a bag lookup: the B + 1 offsets, the per-sample weights,
+    sum or mean, padding_idx (-1: none), each bag's count of lookups where padding leaves some out
+    of a mean, and where the per-sample weights' gradient goes."""
+
+    def __init__(self, ids, bag_offsets, per_sample_weights, pooling, padding_idx, weights_grad=False):
+        self.offsets, self.weights, self.padding_idx = bag_offsets.contiguous(), per_sample_weights, padding_idx
+        self.mean = pooling == "mean"
+        self.num_bags = bag_offsets.numel() - 1
+        self.counts = None
+        if self.mean and padding_idx >= 0:  # the offsets clamped: bad ones are the forward's to report
+            used = torch.nn.functional.pad(torch.cumsum(ids != padding_idx, 0), (1, 0))
+            ends = self.offsets.clamp(0, ids.numel())
+            self.counts = used[ends[1:]] - used[ends[:-1]]
+        # written for every lookup by the chunk kernel
+        self.weights_grad = per_sample_weights.new_empty(ids.numel(), dtype=torch.float32) if weights_grad else None
+
+
+def _backward(grad_out, rows, weight, threshold, mode, gk, out_kind, training=None, id_errors=None, masked=False,
+              bags=None):
     """Sorts the rows and runs the chunk and runs kernels. Returns (gw, gs, sparse_rows, contrib):
     dense (N, .) or per-sorted-lookup (n, .) fp32 gradients, or nothing where the step was
-    applied; the shared thresholds' per-lookup terms."""
+    applied; the shared thresholds' per-lookup terms. `bags`: a `_Bags` (the rows are then the
+    raw ids, the upstream gradient one row per bag)."""
     row_source, per_dim = (PER_ROW, True) if masked else mode_layout(mode)
     (num_rows, dim), n = weight.shape, rows.numel()
+    if bags is not None and bags.num_bags == 0:
+        n = 0  # no bag holds a lookup (offsets that say otherwise are the forward's to report)
     s2 = _threshold_2d(threshold)
     s_cols = dim if per_dim else 1
     device = weight.device
@@ -591,19 +715,26 @@ def _backward(grad_out, rows, weight, threshold, mode, gk, out_kind, training=No
         common = dict(ROW_SOURCE=row_source, PER_DIM=per_dim, OUT=out_kind, KIND=kind_code, CATCH_UP=catch_up,
                       BLOCK_N=block_n, BLOCK_D=block_d)
         if n:
+            bag_tensors = [rows] * 4 if bags is None else [
+                t if t is not None else rows for t in (bags.offsets, bags.weights, bags.counts, bags.weights_grad)]
             _backward_chunk_kernel[(num_chunks,)](
                 grad_out, sorted_rows, order, weight, s2, *pointers,
                 sorted_rows if sparse_rows is None else sparse_rows, weight if contrib is None else contrib,
                 partials[0], partials[1], partials[2], partials[3], *states, schedule, segments, step, errors,
-                n, dim, num_rows, s2.shape[0], gk, grad_out.stride(0), grad_out.stride(1), weight.stride(0),
-                weight.stride(1), s2.stride(0), s2.stride(1), schedule.shape[-1], *scalars, MASKED=masked, **common,
+                *bag_tensors, n, dim, num_rows, s2.shape[0], gk, grad_out.stride(0), grad_out.stride(1),
+                weight.stride(0), weight.stride(1), s2.stride(0), s2.stride(1), schedule.shape[-1], *scalars,
+                0 if bags is None else bags.num_bags, 0 if bags is None else bags.num_bags.bit_length(),
+                -1 if bags is None else bags.padding_idx, MASKED=masked,
+                BAGS=0 if bags is None else 1 + bags.mean, HAS_PSW=bags is not None and bags.weights is not None,
+                HAS_COUNTS=bags is not None and bags.counts is not None,
+                PSW_GRAD=bags is not None and bags.weights_grad is not None, **common,
             )
         if n or (fused and finish):
             _backward_runs_kernel[(max(num_chunks, 1),)](
                 sorted_rows, weight, s2, *pointers, partials[0], partials[1], partials[2], partials[3], *states,
                 schedule, segments, step, errors, counter, n, num_chunks, dim, num_rows, gk, weight.stride(0),
                 weight.stride(1), s2.stride(0), s2.stride(1), schedule.shape[-1], *scalars,
-                FINISH_STEP=fused and finish, **common,
+                -1 if bags is None else bags.padding_idx, FINISH_STEP=fused and finish, **common,
             )
     return gw, gs, sparse_rows, contrib
 
@@ -648,13 +779,20 @@ def triton_train_forward(ids, weight_state, threshold_state, schedule, step, thr
 def triton_backward_step(grad_out, rows, weight_state, threshold_state, schedule, step, threshold_mode, gk, kind,
                          hparams, id_errors=None):
     """CUDA kernel of pep_kernels::soft_threshold_backward_step."""
+    return _step(grad_out.reshape(-1, weight_state[0].shape[1]), rows, weight_state, threshold_state, schedule, step, threshold_mode, gk, kind, hparams,
+                 id_errors)
+
+
+def _step(grad_out, rows, weight_state, threshold_state, schedule, step, mode, gk, kind, hparams, id_errors,
+          bags=None):
+    """The backward with the optimizer step fused in: the chunk and runs kernels apply it (`faithful`
+    Adam: they make the dense gradients, then every row steps); returns a shared threshold's gradient."""
     weight, threshold = weight_state[0], threshold_state[0]
     _check_triton(weight)
     training = _Training(weight_state, threshold_state, schedule, step, kind, hparams)
-    grad_out = grad_out.reshape(-1, weight.shape[1])
     dense = kind == "adam_dense"
-    gw, gs, _, contrib = _backward(grad_out, rows, weight, threshold, threshold_mode, gk, _DENSE if dense else _FUSED,
-                                   training, id_errors)
+    gw, gs, _, contrib = _backward(grad_out, rows, weight, threshold, mode, gk, _DENSE if dense else _FUSED,
+                                   training, id_errors, bags=bags)
     if dense:  # `faithful` Adam: every row steps, W then a per-row threshold (which ends the step)
         _, counter = _step_scratch(weight.device)
         params = [(weight_state, gw)] + ([(threshold_state, gs)] if gs is not None else [])
@@ -685,6 +823,80 @@ def triton_masked_backward(grad_out, rows, keep):
     return gw.to(grad_out.dtype)
 
 
+def _bag_forward(ids, bag_offsets, per_sample_weights, weight, threshold, mode, gk, pooling, padding_idx, id_errors,
+                 training=None):
+    """(B, d): one program per bag (`_bag_forward_kernel`)."""
+    _check_triton(weight)
+    row_source, per_dim = mode_layout(mode)
+    if row_source == PER_FIELD:
+        raise ValueError(f"threshold mode {mode!r} does not apply to a bag (a bag has no field axis)")
+    ids = ids.reshape(-1).contiguous()
+    bag_offsets = bag_offsets.contiguous()
+    num_bags, (num_rows, dim) = bag_offsets.numel() - 1, weight.shape
+    s2 = _threshold_2d(threshold)
+    out = torch.empty((num_bags, dim), dtype=weight.dtype, device=weight.device)
+    if num_bags > 0:
+        zero_step, _ = _step_scratch(weight.device)
+        catch_up = training is not None and training.kind == "adam"
+        states = training.states() if catch_up else [weight] * 6
+        schedule = training.schedule if catch_up else weight
+        block_l, block_d = _tile(dim)
+        _bag_forward_kernel[(num_bags,)](
+            ids, bag_offsets, ids if per_sample_weights is None else per_sample_weights, weight, s2, out,
+            ids if id_errors is None else id_errors, *states, schedule, training.segments if catch_up else weight,
+            training.step if catch_up else zero_step, ids.numel(), num_bags, dim, num_rows, padding_idx, gk,
+            weight.stride(0), weight.stride(1), s2.stride(0), s2.stride(1), schedule.shape[-1],
+            *(training.scalars[1:] if catch_up else [0.0] * 5), ROW_SOURCE=row_source, PER_DIM=per_dim,
+            MEAN=pooling == "mean", HAS_PSW=per_sample_weights is not None, RECORD=id_errors is not None,
+            CATCH_UP=catch_up, BLOCK_L=min(block_l, 64), BLOCK_D=block_d,
+        )
+    return out
+
+
+def triton_bag_forward(ids, bag_offsets, per_sample_weights, weight, threshold, threshold_mode, gk, pooling,
+                       padding_idx, id_errors=None):
+    """CUDA kernel of pep_kernels::soft_threshold_bag_forward."""
+    return _bag_forward(ids, bag_offsets, per_sample_weights, weight, threshold, threshold_mode, gk, pooling,
+                        padding_idx, id_errors)
+
+
+def triton_bag_train_forward(ids, bag_offsets, per_sample_weights, weight_state, threshold_state, schedule, step,
+                             threshold_mode, gk, pooling, padding_idx, kind, hparams, id_errors=None):
+    """CUDA kernel of pep_kernels::soft_threshold_bag_train_forward (rows caught up in registers,
+    as triton_train_forward)."""
+    training = _Training(weight_state, threshold_state, schedule, step, kind, hparams)
+    return _bag_forward(ids, bag_offsets, per_sample_weights, weight_state[0], threshold_state[0], threshold_mode,
+                        gk, pooling, padding_idx, id_errors, training)
+
+
+def triton_bag_backward(grad_out, ids, bag_offsets, per_sample_weights, weight, threshold, threshold_mode, gk,
+                        pooling, padding_idx, sparse):
+    """CUDA kernel of pep_kernels::soft_threshold_bag_backward: the lookup's backward with one
+    upstream gradient row per bag; sparse gradients one entry per lookup, as triton_backward's."""
+    _check_triton(weight)
+    ids = ids.reshape(-1).contiguous()
+    bags = _Bags(ids, bag_offsets, per_sample_weights, pooling, padding_idx,
+                 weights_grad=per_sample_weights is not None)
+    gw, gs, sparse_rows, contrib = _backward(grad_out, ids, weight, threshold, threshold_mode, gk,
+                                             _SPARSE if sparse else _DENSE, bags=bags)
+    if contrib is not None:
+        gs = _shared_gradient(contrib, threshold)
+    elif not sparse:
+        gs = gs.view(threshold.shape)
+    sparse_rows = sparse_rows if sparse else ids.new_empty(0, dtype=torch.int64)
+    weights_grad = weight.new_empty(0) if bags.weights_grad is None else bags.weights_grad.to(per_sample_weights.dtype)
+    return gw.to(weight.dtype), gs.to(threshold.dtype), sparse_rows, weights_grad
+
+
+def triton_bag_backward_step(grad_out, ids, bag_offsets, per_sample_weights, weight_state, threshold_state, schedule,
+                             step, threshold_mode, gk, pooling, padding_idx, kind, hparams, id_errors=None):
+    """CUDA kernel of pep_kernels::soft_threshold_bag_backward_step."""
+    ids = ids.reshape(-1).contiguous()
+    bags = _Bags(ids, bag_offsets, per_sample_weights, pooling, padding_idx)
+    return _step(grad_out, ids, weight_state, threshold_state, schedule, step, threshold_mode, gk, kind, hparams,
+                 id_errors, bags)
+
+
 def triton_count_nonzero(weight, threshold, threshold_mode, gk, field_offsets):
     """CUDA kernel of pep_kernels::soft_threshold_count_nonzero: the table thresholded by the
     forward kernel in blocks (what its lookups return), counted."""
@@ -712,6 +924,10 @@ def expand_threshold(threshold, row_source, start, end, field_offsets):
 
 
 TRITON_OPS = {
+    "soft_threshold_bag_forward": triton_bag_forward,
+    "soft_threshold_bag_train_forward": triton_bag_train_forward,
+    "soft_threshold_bag_backward": triton_bag_backward,
+    "soft_threshold_bag_backward_step": triton_bag_backward_step,
     "row_optimizer_step": optim_triton.row_optimizer_step,
     "row_optimizer_catch_up": optim_triton.row_optimizer_catch_up,
     "soft_threshold_forward": triton_forward,
