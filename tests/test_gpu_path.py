@@ -55,8 +55,14 @@ def host_read(func, args, kwargs):
     return False
 
 
+# The same at the aten level (a host read that a torch function hides: a scalar's bits, a result
+# sized by the data).
+HOST_READ_OPS = {"_local_scalar_dense", "nonzero", "_unique2", "unique_consecutive", "unique_dim", "masked_select"}
+
+
 class _Counts(TorchDispatchMode):
-    """Counts the torch ops that run a kernel, outside Triton's launches."""
+    """Counts the torch ops that run a kernel, outside Triton's launches, and fails on the aten ops
+    that read data back."""
 
     def __init__(self, guard):
         super().__init__()
@@ -64,6 +70,8 @@ class _Counts(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
+        if not self.guard.in_launch and name in HOST_READ_OPS:
+            raise AssertionError(f"host read of tensor data: aten.{name}")
         # autograd copies a sparse gradient into .grad when something else holds it (this mode
         # does), and steals it otherwise: not the lookup's work
         accumulation = name == "clone" and args[0].is_sparse
