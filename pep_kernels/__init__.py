@@ -1,13 +1,14 @@
 """pep_kernels: fast, deployable PEP (Plug-in Embedding Pruning, ICLR 2021)."""
 
 from ._validation import MODES as _MODES, threshold_shape
+from .conversion import PEPConfig, convert, convert_to_serving
 from .functional import soft_threshold_embedding
-from .modules import MaskedEmbedding, PEPEmbedding, PrunedEmbedding
+from .modules import MaskedEmbedding, MaskedEmbeddingBag, PEPEmbedding, PrunedEmbedding
 from .store import SparseRowStore
 
 THRESHOLD_MODES = tuple(_MODES)
 
 __all__ = [
-    "MaskedEmbedding", "PEPEmbedding", "PrunedEmbedding", "SparseRowStore", "THRESHOLD_MODES",
-    "soft_threshold_embedding", "threshold_shape",
+    "MaskedEmbedding", "MaskedEmbeddingBag", "PEPConfig", "PEPEmbedding", "PrunedEmbedding", "SparseRowStore",
+    "THRESHOLD_MODES", "convert", "convert_to_serving", "soft_threshold_embedding", "threshold_shape",
 ]

@@ -305,6 +305,28 @@ class MaskedEmbedding(_FieldTable):
         return f"{self.num_embeddings}, {self.embedding_dim}, kept={int(self.keep.sum())}{fields}"
 
 
+class MaskedEmbeddingBag(MaskedEmbedding):
+    """The retrain stage of a PEP bag table: `MaskedEmbedding`'s fixed mask behind the contract
+    of `nn.EmbeddingBag` (`forward(input, offsets=None, per_sample_weights=None)`; `mode` "sum"
+    or "mean", `include_last_offset`, `padding_idx`). The rows are pooled by
+    `F.embedding_bag` from the masked table, so pruned entries get no gradient and stay zero."""
+
+    def __init__(self, weight, mask, *, mode="sum", include_last_offset=False, padding_idx=None, copy=True):
+        super().__init__(weight, mask, copy=copy)
+        if mode not in ("sum", "mean"):
+            raise ValueError(f"mode must be 'sum' or 'mean', got {mode!r}")
+        self.mode, self.include_last_offset, self.padding_idx = mode, include_last_offset, padding_idx
+
+    def forward(self, input, offsets=None, per_sample_weights=None):
+        check_ids_in_range(input, self.num_embeddings)
+        return F.embedding_bag(input, torch.where(self.keep, self.weight, 0.0), offsets, mode=self.mode,
+                               per_sample_weights=per_sample_weights, include_last_offset=self.include_last_offset,
+                               padding_idx=self.padding_idx)
+
+    def extra_repr(self):
+        return f"{super().extra_repr()}, mode={self.mode!r}"
+
+
 class PrunedEmbedding(_FieldTable):
     """Serving: a pruned table read from a `SparseRowStore`, with the id contract of
     `PEPEmbedding` and `MaskedEmbedding` (global ids, or with `field_dims` per-field local ids

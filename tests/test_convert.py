@@ -1,5 +1,6 @@
-"""pep_kernels.convert: a user's model converted in one call (weights and contract kept, values and
-gradients against the reference, a trajectory against torch's Adam), the serving swap, bad input."""
+"""pep_kernels.convert (conversion.py): a user's model converted in one call (weights and contract
+kept, values and gradients against the reference, a trajectory against torch's Adam), the serving
+swap, bad input."""
 
 import pytest
 import torch
@@ -7,7 +8,8 @@ from torch import nn
 
 from utils import GRAD_TOL, out_tol
 from pep_kernels import MaskedEmbedding, PEPEmbedding, PrunedEmbedding, SparseRowStore, reference
-from pep_kernels.convert import PEPConfig, convert, convert_to_serving, pep_tables
+from pep_kernels import PEPConfig, convert, convert_to_serving
+from pep_kernels.conversion import pep_tables
 from pep_kernels.optim import Adam
 
 

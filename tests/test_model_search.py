@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from pep_kernels import MaskedEmbedding, PEPEmbedding, PrunedEmbedding, SparseRowStore
-from pep_kernels.convert import PEPConfig, convert, convert_to_serving, pep_tables
+from pep_kernels import PEPConfig, convert, convert_to_serving
+from pep_kernels.conversion import pep_tables
 from pep_kernels.data import make_synthetic_ctr
 from pep_kernels.optim import Adam
 from pep_kernels.store import encoded_nbytes
@@ -211,3 +212,32 @@ def test_bad_runs_are_refused(tmp_path, data):
     with pytest.raises(ValueError, match="is not a search run folder"):
         retrain_model(make_model(), tmp_path, 1, batches(data[1]), batches(data[1]), **QUIET)
     assert isinstance(pep_tables(make_model())["tables.a"], PEPEmbedding)
+
+
+@pytest.mark.parametrize("form", ["offsets", "2d", "include_last_offset", "per_sample_weights", "padding", "mean"])
+def test_masked_bag_pools_the_masked_table_and_keeps_pruned_entries_zero(form):
+    from pep_kernels import MaskedEmbeddingBag
+
+    torch.manual_seed(0)
+    weight, mask = torch.randn(20, 5), torch.rand(20, 5) > 0.5
+    mode = "mean" if form == "mean" else "sum"
+    kwargs = dict(mode=mode, include_last_offset=form == "include_last_offset", padding_idx=3 if form == "padding" else None)
+    bag = MaskedEmbeddingBag(weight, mask, **kwargs)
+    ids = torch.tensor([3, 1, 3, 7, 7, 19, 0, 3])
+    offsets = torch.tensor([0, 2, 2, 5]) if form != "include_last_offset" else torch.tensor([0, 2, 2, 5, 8])
+    args = (ids.view(2, 4), None) if form == "2d" else (ids, offsets)
+    psw = torch.rand(8) if form == "per_sample_weights" else None
+    expected = nn.functional.embedding_bag(args[0], weight * mask, args[1], mode=mode, per_sample_weights=psw,
+                                           include_last_offset=kwargs["include_last_offset"],
+                                           padding_idx=kwargs["padding_idx"])
+    assert torch.equal(bag(*args, per_sample_weights=psw), expected)
+    optimizer = torch.optim.Adam(bag.parameters(), lr=0.1, weight_decay=1e-2)
+    for _ in range(3):
+        optimizer.zero_grad()
+        bag(*args, per_sample_weights=psw).square().sum().backward()
+        optimizer.step()
+    assert not bag.weight.detach()[~mask].any() and bag.weight.detach()[mask].ne(weight[mask]).any()
+    with pytest.raises(IndexError, match="out of range"):
+        bag(torch.tensor([20]), torch.tensor([0]))
+    with pytest.raises(ValueError, match="mode must be 'sum' or 'mean'"):
+        MaskedEmbeddingBag(weight, mask, mode="max")

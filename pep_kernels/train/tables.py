@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from ..convert import masked_twin, pep_tables, trained_tables
+from ..conversion import masked_twin, pep_tables, trained_tables
 from ..store import SparseRowStore, encoded_nbytes
 from . import checkpoint
 from .controller import LOG_GK_RANGE, BudgetController, cubic_planned_steps

@@ -1,6 +1,6 @@
 """PEP into a model as it is, in one call, and out of it for serving (torchao's `quantize_` pattern).
 
-`convert(model, PEPConfig(...), filter_fn)` swaps, in place, every `nn.Embedding`,
+`pep_kernels.convert(model, PEPConfig(...), filter_fn)` swaps, in place, every `nn.Embedding`,
 `nn.EmbeddingBag` and table of an unsharded TorchRec `EmbeddingBagCollection` that `filter_fn`
 accepts for its PEP counterpart (`PEPEmbedding`, `PEPEmbeddingBag`, `PEPEmbeddingBagCollection`),
 with the same weights and forward contract: the model's code does not change. After the search
