@@ -4,6 +4,7 @@
 
 #include "optim.h"
 #include "soft_threshold.h"
+#include "soft_threshold_bag.h"
 #include "store.h"
 
 TORCH_LIBRARY(pep_kernels, m) {
@@ -12,6 +13,14 @@ TORCH_LIBRARY(pep_kernels, m) {
         "bool sparse) -> (Tensor, Tensor, Tensor)");
   m.def("cpu_backward_step(Tensor grad_out, Tensor ids, Tensor(a!)[] weight_state, Tensor(b!)[] threshold_state, "
         "Tensor schedule, str mode, float gk, str kind, float[] hparams, int step) -> Tensor");
+  m.def("soft_threshold_bag_forward(Tensor ids, Tensor bag_offsets, Tensor? per_sample_weights, Tensor weight, "
+        "Tensor threshold, str mode, float gk, str pooling, int padding_idx) -> Tensor");
+  m.def("soft_threshold_bag_backward(Tensor grad_out, Tensor ids, Tensor bag_offsets, Tensor? per_sample_weights, "
+        "Tensor weight, Tensor threshold, str mode, float gk, str pooling, int padding_idx, bool sparse) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("soft_threshold_bag_backward_step(Tensor grad_out, Tensor ids, Tensor bag_offsets, "
+        "Tensor? per_sample_weights, Tensor(a!)[] weight_state, Tensor(b!)[] threshold_state, Tensor schedule, "
+        "Tensor(c!) step, str mode, float gk, str pooling, int padding_idx, str kind, float[] hparams) -> Tensor");
   m.def("cpu_count_nonzero(Tensor weight, Tensor threshold, str mode, float gk, Tensor field_offsets) -> Tensor");
   m.def("row_optimizer_step(Tensor(a!)[] state, Tensor rows, Tensor grads, Tensor schedule, str kind, "
         "float[] hparams, int step) -> ()");
@@ -28,6 +37,9 @@ TORCH_LIBRARY_IMPL(pep_kernels, CPU, m) {
   m.impl("cpu_forward", &pep_kernels::cpu_forward);
   m.impl("cpu_backward", &pep_kernels::cpu_backward);
   m.impl("cpu_backward_step", &pep_kernels::cpu_backward_step);
+  m.impl("soft_threshold_bag_forward", &pep_kernels::soft_threshold_bag_forward);
+  m.impl("soft_threshold_bag_backward", &pep_kernels::soft_threshold_bag_backward);
+  m.impl("soft_threshold_bag_backward_step", &pep_kernels::soft_threshold_bag_backward_step);
   m.impl("cpu_count_nonzero", &pep_kernels::cpu_count_nonzero);
   m.impl("row_optimizer_step", &pep_kernels::row_optimizer_step);
   m.impl("row_optimizer_catch_up", &pep_kernels::row_optimizer_catch_up);

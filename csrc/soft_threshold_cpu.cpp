@@ -10,10 +10,10 @@
 
 #include "cpu_features.h"
 #include "optim.h"
+#include "soft_threshold_internal.h"
 #include "soft_threshold_rows.h"
 
 namespace pep_kernels {
-namespace {
 
 Layout parse_mode(std::string_view mode) {
   if (mode == "global") return {RowSource::Shared, false};
@@ -59,19 +59,7 @@ void check_inputs(const at::Tensor& ids, const at::Tensor& weight, const at::Ten
                     "the CPU kernel needs CPU tensors");
 }
 
-template <typename index_t>
-void check_ids(const index_t* ids, int64_t n, int64_t num_rows) {
-  for (int64_t k = 0; k < n; ++k) {
-    const int64_t id = ids[k];
-    TORCH_CHECK_INDEX(id >= 0 && id < num_rows, "index ", id, " is out of range for a table of ", num_rows,
-                      " rows (valid ids are 0..", num_rows - 1, ")");
-  }
-}
-
-// Grain: about 32K elements per task, so small batches stay on one thread.
 int64_t grain(int64_t elements_per_item) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(elements_per_item, 1)); }
-
-}  // namespace
 
 at::Tensor cpu_forward(const at::Tensor& ids_in, const at::Tensor& weight, const at::Tensor& threshold,
                        std::string_view mode, double gk) {
@@ -97,17 +85,6 @@ at::Tensor cpu_forward(const at::Tensor& ids_in, const at::Tensor& weight, const
   });
   return out;
 }
-
-namespace {
-
-// A fused optimizer step for the backward: the table's and the per-row threshold's states.
-struct FusedStep {
-  at::TensorList weight_state, threshold_state;
-  const at::Tensor& schedule;
-  RowOptim kind;
-  at::ArrayRef<double> hparams;
-  int64_t step;
-};
 
 // (sorted ids, their positions): a stable LSD radix sort of int64 ids in [0, num_rows), 11 bits a
 // pass (two passes up to 4M rows). torch's comparison sort took a tenth of a training step.
@@ -135,6 +112,23 @@ std::pair<at::Tensor, at::Tensor> sort_ids(const at::Tensor& ids, int64_t num_ro
   }
   return {keys[current], order[current]};
 }
+
+at::Tensor shared_threshold_grad(const at::Tensor& contrib, const at::Tensor& s, Layout layout, double gk,
+                                 at::IntArrayRef threshold_sizes) {
+  // Reduce the per-lookup terms, then the chain rule through gk * sigmoid.
+  const int64_t d = contrib.size(1);
+  at::Tensor total;
+  if (layout.rows == RowSource::PerField) {
+    at::Tensor per_field = contrib.view({-1, s.size(0), d}).sum(0);
+    total = layout.per_dim ? per_field : per_field.sum(1, /*keepdim=*/true);
+  } else {
+    total = layout.per_dim ? contrib.sum(0) : contrib.sum().reshape({1});
+  }
+  const at::Tensor y = at::sigmoid(s);
+  return (-(total.view_as(s) * gk) * (1 - y) * y).view(threshold_sizes);
+}
+
+namespace {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& grad_out_in, const at::Tensor& ids_in, const at::Tensor& weight,
@@ -194,16 +188,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   });
 
   if (!per_row) {
-    // Shared thresholds: reduce the per-lookup terms, then the chain rule through gk * sigmoid.
-    at::Tensor total;
-    if (layout.rows == RowSource::PerField) {
-      at::Tensor per_field = contrib.view({-1, s.size(0), d}).sum(0);
-      total = layout.per_dim ? per_field : per_field.sum(1, /*keepdim=*/true);
-    } else {
-      total = layout.per_dim ? contrib.sum(0) : contrib.sum().reshape({1});
-    }
-    const at::Tensor y = at::sigmoid(s);
-    grad_s = (-(total.view_as(s) * gk) * (1 - y) * y).view(threshold.sizes());
+    grad_s = shared_threshold_grad(contrib, s, layout, gk, threshold.sizes());
   } else if (!sparse && grad_s.defined()) {
     grad_s = grad_s.view(threshold.sizes());
   }

@@ -51,6 +51,10 @@ struct BackwardArgs {
   // place with its gradient, and grad_w / grad_s are not written.
   const OptimArgs<T>* update_w;
   const OptimArgs<T>* update_s;
+  // Bags: lookup k's upstream gradient is grad[grad_rows[k]] (its bag's row of (B, d)) times
+  // grad_scale[k] (its per-sample weight, or 1 / bag size); null: grad[k], times 1.
+  const int64_t* grad_rows = nullptr;
+  const T* grad_scale = nullptr;
 };
 
 // The whole table: row i's threshold row is 0, i, or its field f (field_offsets[f] <= i < field_offsets[f + 1]).

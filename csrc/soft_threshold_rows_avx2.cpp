@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "soft_threshold_bag_rows.h"
 #include "soft_threshold_rows.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -15,6 +16,7 @@
 namespace pep_kernels::rows_avx2 {
 #include "optim_rows.inc"
 #include "soft_threshold_rows.inc"
+#include "soft_threshold_bag_rows.inc"
 }  // namespace pep_kernels::rows_avx2
 #if defined(__clang__)
 #pragma clang attribute pop
@@ -24,5 +26,6 @@ namespace pep_kernels::rows_avx2 {
 namespace pep_kernels::rows_avx2 {
 #include "optim_rows.inc"
 #include "soft_threshold_rows.inc"
+#include "soft_threshold_bag_rows.inc"
 }  // namespace pep_kernels::rows_avx2
 #endif

@@ -3,9 +3,11 @@
 #include <cmath>
 #include <cstring>
 
+#include "soft_threshold_bag_rows.h"
 #include "soft_threshold_rows.h"
 
 namespace pep_kernels::rows_base {
 #include "optim_rows.inc"
 #include "soft_threshold_rows.inc"
+#include "soft_threshold_bag_rows.inc"
 }  // namespace pep_kernels::rows_base

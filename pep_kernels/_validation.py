@@ -130,3 +130,96 @@ def check_id_bounds(lo, hi, num_embeddings):
             f"index {bad} is out of range for a table of {num_embeddings} rows "
             f"(valid ids are 0..{num_embeddings - 1})"
         )
+
+
+# A bag pools lookups of one feature: no field axis, so no field modes.
+BAG_MODES = tuple(mode for mode, (row_source, _) in MODES.items() if row_source != PER_FIELD)
+POOLINGS = ("sum", "mean")
+
+
+def check_bag_mode(mode):
+    """ValueError unless `mode` is a threshold mode a bag can use (global, dimension, feature, feature_dim)."""
+    if mode_layout(mode)[0] == PER_FIELD:
+        raise ValueError(f"threshold mode {mode!r} does not apply to a bag (a bag has no field axis); "
+                         f"expected {', '.join(BAG_MODES[:-1])} or {BAG_MODES[-1]}")
+
+
+def check_pooling(pooling, name="pooling"):
+    if pooling not in POOLINGS:
+        raise ValueError(f"unknown {name} {pooling!r}; expected 'sum' or 'mean' (max pooling has no PEP kernel)")
+
+
+def padding_row(padding_idx, num_embeddings):
+    """nn.EmbeddingBag's `padding_idx` as a row (a negative one counts from the end), or None."""
+    if padding_idx is None:
+        return None
+    if isinstance(padding_idx, bool) or not isinstance(padding_idx, int):
+        raise TypeError(f"padding_idx must be an int or None, got {type(padding_idx).__name__}")
+    if not -num_embeddings <= padding_idx < num_embeddings:
+        raise ValueError(f"padding_idx must be within num_embeddings ({-num_embeddings}..{num_embeddings - 1}), "
+                         f"got {padding_idx}")
+    return padding_idx % num_embeddings
+
+
+def bag_inputs(input, offsets, per_sample_weights, include_last_offset, pooling):
+    """nn.EmbeddingBag's input forms as the bag ops take them: (ids (n,), bag_offsets int64
+    (B + 1,), per_sample_weights (n,) or None). 2-D input (B, L) is B bags of L ids (offsets must
+    be None; include_last_offset does not apply, as in torch); 1-D input needs offsets, the start of
+    each of B bags, or with include_last_offset B + 1 offsets whose last is the number of ids. The
+    offsets' values are checked by the ops (`check_bag_offsets`)."""
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
+    if input.dim() == 2:
+        if offsets is not None:
+            raise ValueError("offsets must be None when input is 2-D (B, L): each row is a bag")
+        bag_offsets = torch.arange(input.shape[0] + 1, device=input.device) * input.shape[1]
+    elif input.dim() == 1:
+        if offsets is None:
+            raise ValueError("1-D input needs offsets: the start of each bag (B,), or B + 1 offsets with "
+                             "include_last_offset=True")
+        if not isinstance(offsets, torch.Tensor):
+            raise TypeError(f"offsets must be a torch.Tensor, got {type(offsets).__name__}")
+        if offsets.dtype not in INDEX_DTYPES:
+            raise TypeError(f"offsets must be int32 or int64, got {offsets.dtype}")
+        if offsets.dim() != 1:
+            raise ValueError(f"offsets must be 1-D, got shape {tuple(offsets.shape)}")
+        if include_last_offset:
+            if offsets.numel() == 0:
+                raise ValueError("include_last_offset=True needs B + 1 offsets (at least one), got none")
+            bag_offsets = offsets.long()
+        else:
+            bag_offsets = torch.cat([offsets.long(), offsets.new_full((1,), input.numel(), dtype=torch.int64)])
+    else:
+        raise ValueError(f"input must be 1-D (with offsets) or 2-D (B, L), got shape {tuple(input.shape)}")
+    if per_sample_weights is not None:
+        if pooling != "sum":
+            raise ValueError(f"per_sample_weights need pooling 'sum', got {pooling!r}")
+        if not isinstance(per_sample_weights, torch.Tensor):
+            raise TypeError(f"per_sample_weights must be a torch.Tensor, got {type(per_sample_weights).__name__}")
+        if per_sample_weights.shape != input.shape:
+            raise ValueError(f"per_sample_weights must have the shape of input {tuple(input.shape)}, "
+                             f"got {tuple(per_sample_weights.shape)}")
+        per_sample_weights = per_sample_weights.reshape(-1)
+    return input.reshape(-1), bag_offsets, per_sample_weights
+
+
+def check_bag_offsets(bag_offsets, num_ids):
+    """The C++ ops' check of B + 1 bag offsets, for the paths without them (the eager reference,
+    serving from a store): ValueError naming the first offset that is not where a bag can start
+    (one host sync)."""
+    bad = torch.empty_like(bag_offsets, dtype=torch.bool)
+    bad[0] = bag_offsets[0] != 0
+    bad[1:] = (bag_offsets[1:] > num_ids) | (bag_offsets[1:] < bag_offsets[:-1])
+    bad[-1] |= bag_offsets[-1] != num_ids
+    if not bool(bad.any()):
+        return
+    i = int(bad.nonzero()[0, 0])
+    value, last = int(bag_offsets[i]), bag_offsets.numel() - 1
+    if i == 0 and value != 0:
+        raise ValueError(f"bag offsets must start at 0, got offsets[0] = {value}")
+    if i > 0 and value > num_ids:
+        raise ValueError(f"bag offsets must be at most the number of ids {num_ids}, got offsets[{i}] = {value}")
+    if i > 0 and value < int(bag_offsets[i - 1]):
+        raise ValueError(f"bag offsets must be non-decreasing, got offsets[{i}] = {value} after "
+                         f"offsets[{i - 1}] = {int(bag_offsets[i - 1])}")
+    raise ValueError(f"the last bag offset must be the number of ids {num_ids}, got offsets[{last}] = {value}")

@@ -5,10 +5,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import reference
-from ._validation import (PER_FIELD, PER_ROW, check_field_dims, check_gk, check_ids_in_range, check_lookup,
-                          initial_thresholds, mode_layout, threshold_shape)
-from .functional import resolve_backend, soft_threshold_embedding
+from ._validation import (PER_FIELD, PER_ROW, bag_inputs, check_bag_mode, check_bag_offsets, check_field_dims,
+                          check_gk, check_ids_in_range, check_lookup, check_pooling, initial_thresholds, mode_layout,
+                          padding_row, threshold_shape)
+from .functional import resolve_backend, soft_threshold_embedding, soft_threshold_embedding_bag
 from .ops import optim as optim_ops
+from .ops.bag import FusedBagStepFunction
 from .ops.indices import distinct_ids, offset_field_ids
 from .optim import Adam, RowOptimizer
 
@@ -254,6 +256,80 @@ class PEPEmbedding(_FieldTable):
         )
 
 
+class PEPEmbeddingBag(PEPEmbedding):
+    """A drop-in for `nn.EmbeddingBag` whose table is soft-thresholded by learnable thresholds
+    (PEP): each bag pools the soft-thresholded rows of its ids in one pass (C++ on CPU), with no
+    (lookups, d) intermediate.
+
+    `forward(input, offsets=None, per_sample_weights=None)` takes nn.EmbeddingBag's forms: 2-D
+    `input` (B, L) is B bags of L ids; 1-D `input` with `offsets`, the start of each bag (B,), or
+    with `include_last_offset=True` B + 1 offsets ending at len(input). `mode` is the pooling,
+    "sum" or "mean" (nn.EmbeddingBag's default; "max" has no kernel); `per_sample_weights` (the
+    shape of `input`, sum only) scale the rows and get their gradient. Lookups of `padding_idx`
+    add nothing, count in no mean and get no gradient; its row starts at zero. An empty bag is zeros.
+
+    The rest is `PEPEmbedding`'s: `threshold_mode` among the modes a bag can use (global,
+    dimension, feature, feature_dim: the field modes need a field axis), `threshold_init`,
+    `threshold_slope`, `gk`, `sparse` (row-sparse gradients), `backend` ("auto", "cpu",
+    "reference"), `optimizer` (a fused `pep_kernels.optim` rule, its state in buffers) and the
+    table API (nnz, sparsity, pruned_weight, pruned_row_blocks, mask, dims_per_row, sync).
+    """
+
+    def __init__(
+        self, num_embeddings, embedding_dim, *, mode="mean", padding_idx=None, include_last_offset=False,
+        threshold_mode="feature_dim", threshold_init=-15.0, threshold_slope=0.0, gk=1.0, sparse=False, backend="auto",
+        optimizer=None, device=None, dtype=None,
+    ):
+        check_bag_mode(threshold_mode)
+        check_pooling(mode, "mode")
+        super().__init__(num_embeddings, embedding_dim, threshold_mode=threshold_mode, threshold_init=threshold_init,
+                         threshold_slope=threshold_slope, gk=gk, sparse=sparse, backend=backend, optimizer=optimizer,
+                         device=device, dtype=dtype)
+        self.mode, self.include_last_offset = mode, bool(include_last_offset)
+        self.padding_idx = padding_row(padding_idx, num_embeddings)
+        if self.padding_idx is not None:
+            with torch.no_grad():
+                self.weight[self.padding_idx].fill_(0)
+
+    @property
+    def padding_row(self):
+        """`padding_idx` as the bag ops take it: -1 for none."""
+        return -1 if self.padding_idx is None else self.padding_idx
+
+    def forward(self, input, offsets=None, per_sample_weights=None):
+        if self.optimizer is None:
+            return soft_threshold_embedding_bag(
+                input, self.weight, self.threshold, offsets, mode=self.threshold_mode, gk=self.gk, pooling=self.mode,
+                per_sample_weights=per_sample_weights, include_last_offset=self.include_last_offset,
+                padding_idx=self.padding_idx, sparse=self.sparse, backend=self.backend,
+            )
+        check_lookup(input, self.weight, self.threshold, self.threshold_mode, self.gk)
+        ids, bag_offsets, weights = bag_inputs(input, offsets, per_sample_weights, self.include_last_offset, self.mode)
+        self._catch_up(ids.long())  # the C++ op checks the ids
+        return FusedBagStepFunction.apply(ids, bag_offsets, weights, self.weight, self.threshold, self)
+
+    def bag_backward_step(self, grad_out, ids, bag_offsets, per_sample_weights):
+        """Called by the fused bag lookup's backward: one optimizer step on the rows the bags reach
+        (every row for `faithful` Adam); returns the gradient of a shared threshold, else None."""
+        step = self.optimizer_steps() + 1
+        per_row = "threshold" in self._optimized_parameters()
+        threshold_state = self._optimizer_state("threshold") if per_row else [self.threshold.detach()]
+        grad_s = torch.ops.pep_kernels.soft_threshold_bag_backward_step(
+            grad_out, ids, bag_offsets, per_sample_weights, self._optimizer_state("weight"), threshold_state,
+            self._adam_schedule(step), self.optimizer_step, self.threshold_mode, self.gk, self.mode, self.padding_row,
+            self.optimizer.kind, self.optimizer.hparams())
+        self._steps = step
+        return None if per_row else grad_s
+
+    def extra_repr(self):
+        return (
+            f"{self.num_embeddings}, {self.embedding_dim}, mode={self.mode!r}, threshold_mode={self.threshold_mode!r}, "
+            f"gk={self.gk}, padding_idx={self.padding_idx}, include_last_offset={self.include_last_offset}, "
+            f"sparse={self.sparse}, backend={self.backend!r}"
+            + ("" if self.optimizer is None else f", optimizer={self.optimizer!r}")
+        )
+
+
 _SAME_SIZE_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
@@ -365,3 +441,40 @@ class PrunedEmbedding(_FieldTable):
 
     def extra_repr(self):
         return "" if self.field_dims is None else f"fields={self.field_dims.numel()}"
+
+
+class PrunedEmbeddingBag(PrunedEmbedding):
+    """Serving: bags of a pruned table read from a `SparseRowStore` (its `lookup_bag`), with
+    nn.EmbeddingBag's calling conventions as `PEPEmbeddingBag` takes them (`mode` sum or mean,
+    `padding_idx`, `include_last_offset`), so that a trained model swaps its bag table for it:
+
+        model.bag = PrunedEmbeddingBag(SparseRowStore.from_module(model.bag), mode=model.bag.mode,
+                                       padding_idx=model.bag.padding_idx)
+
+    Float32 (B, d). The store sums a bag in id order, as torch and the CPU kernel of
+    `PEPEmbeddingBag` do: an fp32 store's plain sums are the same bits wherever the rows are; it
+    rounds means (times 1 / count) and weighted rows (a product, then a sum) its own way, within
+    an ulp of each addition.
+    """
+
+    def __init__(self, store, *, mode="mean", padding_idx=None, include_last_offset=False):
+        check_pooling(mode, "mode")
+        super().__init__(store)
+        self.mode, self.include_last_offset = mode, bool(include_last_offset)
+        self.padding_idx = padding_row(padding_idx, store.num_embeddings)
+
+    def forward(self, input, offsets=None, per_sample_weights=None):
+        ids, bag_offsets, weights = bag_inputs(input, offsets, per_sample_weights, self.include_last_offset, self.mode)
+        # The store takes each bag's start and ends the last bag at len(ids): the B + 1 offsets are
+        # checked here, so that a last offset short of len(ids) is refused, not read as the end.
+        check_bag_offsets(bag_offsets, ids.numel())
+        if self.padding_idx is not None:
+            # The store knows no padding: its lookups leave the bags (and a mean's count).
+            keep = ids != self.padding_idx
+            bag_offsets = F.pad(torch.cumsum(keep, 0), (1, 0))[bag_offsets]
+            ids = ids[keep]
+            weights = None if weights is None else weights[keep]
+        return self.store.lookup_bag(ids, bag_offsets[:-1], mode=self.mode, per_sample_weights=weights)
+
+    def extra_repr(self):
+        return f"mode={self.mode!r}, padding_idx={self.padding_idx}, include_last_offset={self.include_last_offset}"

@@ -8,7 +8,8 @@ kernels do.
 import torch
 import torch.nn.functional as F
 
-from ._validation import PER_FIELD, PER_ROW, check_gk, check_ids_in_range, check_lookup, mode_layout, threshold_shape
+from ._validation import (PER_FIELD, PER_ROW, bag_inputs, check_bag_mode, check_bag_offsets, check_gk,
+                          check_ids_in_range, check_lookup, check_pooling, mode_layout, padding_row, threshold_shape)
 
 MODES = ("global", "dimension", "feature", "feature_dim", "field", "field_dim")
 
@@ -81,3 +82,21 @@ def row_optimizer_step(rule, param, state, rows, grads):
         param[rows] = p - (rule.lr / (total.sqrt() + rule.eps)).unsqueeze(1) * g
     else:
         raise ValueError(f"no eager oracle for {kind!r} here: use torch.optim.Adam")
+
+
+def soft_threshold_embedding_bag(input, weight, threshold, offsets=None, mode="feature_dim", gk=1.0, pooling="mean",
+                                 per_sample_weights=None, include_last_offset=False, padding_idx=None):
+    """`nn.EmbeddingBag` on the soft-thresholded table: the whole table S(V, s), as the published
+    code computes it every step, pooled by `F.embedding_bag` (sum or mean; `per_sample_weights`
+    with sum; lookups of `padding_idx` add nothing and count in no mean). Input forms as
+    `F.embedding_bag`'s; modes global, dimension, feature, feature_dim. (B, d)."""
+    check_bag_mode(mode)
+    gk = check_lookup(input, weight, threshold, mode, gk)
+    check_pooling(pooling)
+    padding_idx = padding_row(padding_idx, weight.shape[0])
+    ids, bag_offsets, per_sample_weights = bag_inputs(input, offsets, per_sample_weights, include_last_offset, pooling)
+    check_ids_in_range(ids, weight.shape[0])
+    check_bag_offsets(bag_offsets, ids.numel())
+    table = soft_threshold(weight, threshold, mode, gk)
+    return F.embedding_bag(ids, table, bag_offsets, mode=pooling, per_sample_weights=per_sample_weights,
+                           include_last_offset=True, padding_idx=padding_idx)

@@ -25,3 +25,7 @@ def test_base_kernels_match_reference():
 def test_base_store_lookups_match():
     run_without_avx2("test_store.py", "bit_exact or lossy or half_value or near_the_end or empty_rows or "
                                       "random_damage or concurrent")
+
+
+def test_base_bag_kernels_match_reference():
+    run_without_avx2("test_bag.py", "matches_reference or heavy_duplicates or input_forms or fast_adam_equals_faithful")
