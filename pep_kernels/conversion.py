@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from .functional import resolve_backend
-from .modules import MaskedEmbedding, PEPEmbedding, PrunedEmbedding
+from .modules import (MaskedEmbedding, MaskedEmbeddingBag, PEPEmbedding, PEPEmbeddingBag, PrunedEmbedding,
+                      PrunedEmbeddingBag)
 from .optim import RowOptimizer
 from .store import SparseRowStore
 
@@ -90,10 +91,43 @@ def _pep_embedding(fqn, table, config):
     return pep
 
 
+def _pep_embedding_bag(fqn, table, config):
+    _check_plain_table(fqn, table)
+    if table.mode not in ("sum", "mean"):
+        raise ValueError(f"{fqn}: mode {table.mode!r}; PEP bags pool by 'sum' or 'mean'")
+    weight = table.weight.detach()
+    pep = PEPEmbeddingBag(table.num_embeddings, table.embedding_dim, mode=table.mode, padding_idx=table.padding_idx,
+                          include_last_offset=table.include_last_offset,
+                          sparse=table.sparse and config.optimizer is None, device=weight.device, dtype=weight.dtype,
+                          **config.table_arguments())
+    with torch.no_grad():
+        pep.weight.copy_(weight)
+    return pep
+
+
+def _pep_collection(fqn, collection, config, filter_fn):
+    """The PEPEmbeddingBagCollection of a TorchRec EmbeddingBagCollection, its tables that
+    filter_fn accepts converted (None if it accepts none)."""
+    from .collection import PEPEmbeddingBagCollection
+
+    tables, converted = {}, False
+    for name, table in collection.embedding_bags.items():
+        table_fqn = f"{fqn}.embedding_bags.{name}".lstrip(".")
+        if type(table) is nn.EmbeddingBag and filter_fn(table, table_fqn):
+            table, converted = _pep_embedding_bag(table_fqn, table, config), True
+        tables[name] = table
+    return PEPEmbeddingBagCollection(collection, tables) if converted else None
+
+
 def _converted(fqn, module, config, filter_fn):
     """The PEP counterpart of `module` (None: not a table `convert` takes, or left out by filter_fn)."""
     if type(module) is nn.Embedding:
         return _pep_embedding(fqn, module, config) if filter_fn(module, fqn) else None
+    if type(module) is nn.EmbeddingBag:
+        return _pep_embedding_bag(fqn, module, config) if filter_fn(module, fqn) else None
+    collection_type = _torchrec_ebc_type()
+    if collection_type is not None and type(module) is collection_type:
+        return _pep_collection(fqn, module, config, filter_fn)
     return None
 
 
@@ -104,8 +138,12 @@ def convert(model, config=None, filter_fn=None):
     `model` is a table).
 
     Tables: `nn.Embedding` -> `PEPEmbedding` (ids of any shape; a `padding_idx` row must be
-    zeros: it stays zeros). Subclasses are left alone (their forward may differ); options PEP
-    cannot keep (max_norm, scale_grad_by_freq, a frozen table) are a ValueError naming the table.
+    zeros: it stays zeros); `nn.EmbeddingBag` -> `PEPEmbeddingBag` (mode sum or mean, its
+    `padding_idx` and `include_last_offset`); a TorchRec `EmbeddingBagCollection` (unsharded) ->
+    `PEPEmbeddingBagCollection` over its tables, those filter_fn accepts (named
+    `<collection>.embedding_bags.<table>`) converted. Subclasses are left alone (their forward may
+    differ); options PEP cannot keep (max_norm, scale_grad_by_freq, mode "max", a frozen table)
+    are a ValueError naming the table.
     """
     config = PEPConfig() if config is None else config
     if not isinstance(config, PEPConfig):
@@ -114,10 +152,14 @@ def convert(model, config=None, filter_fn=None):
     root = _converted("", model, config, filter_fn)
     if root is not None:
         return root
+    replaced = []
     for fqn, module in list(model.named_modules()):
+        if any(fqn.startswith(prefix + ".") for prefix in replaced):  # a table of a converted collection
+            continue
         new = _converted(fqn, module, config, filter_fn)
         if new is not None:
             _replace(model, fqn, new)
+            replaced.append(fqn)
     return model
 
 
@@ -144,6 +186,9 @@ def _field_dims(table):
 def masked_twin(table, weight, mask, copy=True):
     """The retrain stage of a PEP table: a masked table of the same contract over `weight` and
     `mask` (`MaskedEmbedding`'s `copy`)."""
+    if isinstance(table, PEPEmbeddingBag):
+        return MaskedEmbeddingBag(weight, mask, mode=table.mode, include_last_offset=table.include_last_offset,
+                                  padding_idx=table.padding_idx, copy=copy)
     if isinstance(table, PEPEmbedding):
         return MaskedEmbedding(weight, mask, field_dims=_field_dims(table), copy=copy)
     raise TypeError(f"no masked twin for {type(table).__name__}")
@@ -151,6 +196,9 @@ def masked_twin(table, weight, mask, copy=True):
 
 def serving_twin(table, store):
     """The store-backed serving module of a trained table, with its contract."""
+    if isinstance(table, (PEPEmbeddingBag, MaskedEmbeddingBag)):
+        return PrunedEmbeddingBag(store, mode=table.mode, padding_idx=table.padding_idx,
+                                  include_last_offset=table.include_last_offset)
     if isinstance(table, (PEPEmbedding, MaskedEmbedding)):
         return PrunedEmbedding(store, field_dims=_field_dims(table))
     raise TypeError(f"no serving module for {type(table).__name__}")

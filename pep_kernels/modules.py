@@ -383,24 +383,26 @@ class MaskedEmbedding(_FieldTable):
 
 class MaskedEmbeddingBag(MaskedEmbedding):
     """The retrain stage of a PEP bag table: `MaskedEmbedding`'s fixed mask behind the contract
-    of `nn.EmbeddingBag` (`forward(input, offsets=None, per_sample_weights=None)`; `mode` "sum"
-    or "mean", `include_last_offset`, `padding_idx`). The rows are pooled by
-    `F.embedding_bag` from the masked table, so pruned entries get no gradient and stay zero."""
+    of `nn.EmbeddingBag` as `PEPEmbeddingBag` takes it (`forward(input, offsets=None,
+    per_sample_weights=None)`; `mode` "sum" or "mean", `include_last_offset`, `padding_idx`; the
+    same checks of ids and offsets). The rows are pooled by `F.embedding_bag` from the masked
+    table, so pruned entries get no gradient and stay zero."""
 
-    def __init__(self, weight, mask, *, mode="sum", include_last_offset=False, padding_idx=None, copy=True):
+    def __init__(self, weight, mask, *, mode="mean", include_last_offset=False, padding_idx=None, copy=True):
+        check_pooling(mode, "mode")
         super().__init__(weight, mask, copy=copy)
-        if mode not in ("sum", "mean"):
-            raise ValueError(f"mode must be 'sum' or 'mean', got {mode!r}")
-        self.mode, self.include_last_offset, self.padding_idx = mode, include_last_offset, padding_idx
+        self.mode, self.include_last_offset = mode, bool(include_last_offset)
+        self.padding_idx = padding_row(padding_idx, self.num_embeddings)
 
     def forward(self, input, offsets=None, per_sample_weights=None):
-        check_ids_in_range(input, self.num_embeddings)
-        return F.embedding_bag(input, torch.where(self.keep, self.weight, 0.0), offsets, mode=self.mode,
-                               per_sample_weights=per_sample_weights, include_last_offset=self.include_last_offset,
-                               padding_idx=self.padding_idx)
+        ids, bag_offsets, weights = bag_inputs(input, offsets, per_sample_weights, self.include_last_offset, self.mode)
+        check_ids_in_range(ids, self.num_embeddings)
+        check_bag_offsets(bag_offsets, ids.numel())
+        return F.embedding_bag(ids, torch.where(self.keep, self.weight, 0.0), bag_offsets, mode=self.mode,
+                               per_sample_weights=weights, include_last_offset=True, padding_idx=self.padding_idx)
 
     def extra_repr(self):
-        return f"{super().extra_repr()}, mode={self.mode!r}"
+        return f"{super().extra_repr()}, mode={self.mode!r}, padding_idx={self.padding_idx}"
 
 
 class PrunedEmbedding(_FieldTable):

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from utils import GRAD_TOL, out_tol
-from pep_kernels import MaskedEmbedding, PEPEmbedding, PrunedEmbedding, SparseRowStore, reference
+from pep_kernels import (MaskedEmbedding, MaskedEmbeddingBag, PEPEmbedding, PEPEmbeddingBag, PrunedEmbedding,
+                         PrunedEmbeddingBag, SparseRowStore, reference)
 from pep_kernels import PEPConfig, convert, convert_to_serving
 from pep_kernels.conversion import pep_tables
 from pep_kernels.optim import Adam
@@ -194,3 +195,120 @@ def test_convert_to_serving_scores_what_the_trained_model_scores(tmp_path):
     wrong = convert(TwoTables(), PEPConfig())
     with pytest.raises(ValueError, match="user: the store holds a 23 x 3 table, the model's is 37 x 5"):
         convert_to_serving(wrong, {"user": stores["history.0"], "history.0": stores["history.0"]})
+
+
+BAG_FORMS = {  # nn.EmbeddingBag settings, and its input: (input, offsets, per_sample_weights)
+    "sum": (dict(mode="sum"), "offsets"),
+    "mean": (dict(mode="mean"), "offsets"),
+    "2d": (dict(mode="mean"), "2d"),
+    "weighted": (dict(mode="sum"), "weighted"),
+    "last_offset": (dict(mode="sum", include_last_offset=True), "last_offset"),
+    "padding": (dict(mode="mean", padding_idx=2), "offsets"),
+}
+
+
+def bag_input(form, num_rows=29, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, num_rows, (24,), generator=g)
+    ids[:6] = 2  # duplicates, and the padding id
+    offsets = torch.tensor([0, 3, 3, 10, 17])  # an empty bag
+    if form == "2d":
+        return ids.view(4, 6), None, None
+    if form == "last_offset":
+        return ids, torch.cat([offsets, torch.tensor([24])]), None
+    return ids, offsets, torch.rand(24, generator=g) if form == "weighted" else None
+
+
+@pytest.mark.parametrize("form", BAG_FORMS)
+def test_bags_convert_with_their_contract(form):
+    """Unpruned (threshold -150), a converted nn.EmbeddingBag pools what it did, bit for bit, in
+    every form of its input, and backpropagates it (a row's gradient sums its lookups' in another
+    order: to fp32 tolerance)."""
+    settings, kind = BAG_FORMS[form]
+    torch.manual_seed(0)
+    bag = nn.EmbeddingBag(29, 6, **settings)
+    model = convert(nn.ModuleDict({"bag": bag}), PEPConfig(threshold_init=-150.0))
+    pep = model["bag"]
+    assert isinstance(pep, PEPEmbeddingBag) and torch.equal(pep.weight, bag.weight)
+    assert (pep.mode, pep.include_last_offset, pep.padding_idx) == (bag.mode, bag.include_last_offset, bag.padding_idx)
+    ids, offsets, weights = bag_input(kind)
+    assert torch.equal(pep(ids, offsets, weights), bag(ids, offsets, weights))
+    pep(ids, offsets, weights).sum().backward()
+    bag(ids, offsets, weights).sum().backward()
+    torch.testing.assert_close(pep.weight.grad, bag.weight.grad, **GRAD_TOL)
+
+
+@pytest.mark.parametrize("mode", ["global", "dimension", "feature", "feature_dim"])
+@pytest.mark.parametrize("form", ["mean", "weighted", "padding"])
+def test_converted_bags_match_the_reference(mode, form):
+    settings, kind = BAG_FORMS[form]
+    torch.manual_seed(0)
+    pep = convert(nn.EmbeddingBag(29, 6, **settings), PEPConfig(threshold_mode=mode, threshold_init=-2.0))
+    with torch.no_grad():
+        pep.weight.mul_(4.0)
+        pep.threshold.add_(torch.rand_like(pep.threshold))
+    weight, threshold = pep.weight.detach().clone().requires_grad_(), pep.threshold.detach().clone().requires_grad_()
+    ids, offsets, weights = bag_input(kind)
+    out = pep(ids, offsets, weights)
+    expected = reference.soft_threshold_embedding_bag(ids, weight, threshold, offsets, mode, pooling=pep.mode,
+                                                      per_sample_weights=weights, padding_idx=pep.padding_idx)
+    assert 0 < int(pep.nnz()) < 29 * 6  # some entries pruned, some kept
+    torch.testing.assert_close(out, expected, **out_tol(1.0))
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    expected.backward(grad)
+    torch.testing.assert_close(pep.weight.grad, weight.grad, **GRAD_TOL)
+    torch.testing.assert_close(pep.threshold.grad, threshold.grad, **GRAD_TOL)
+
+
+def test_bags_pep_cannot_keep_are_refused():
+    with pytest.raises(ValueError, match="bag: mode 'max'; PEP bags pool by 'sum' or 'mean'"):
+        convert(nn.ModuleDict({"bag": nn.EmbeddingBag(5, 2, mode="max")}))
+    with pytest.raises(ValueError, match="bag: max_norm"):
+        convert(nn.ModuleDict({"bag": nn.EmbeddingBag(5, 2, max_norm=2.0)}))
+
+
+def test_trained_bags_serve_from_their_stores():
+    torch.manual_seed(0)
+    model = convert(nn.ModuleDict({"a": nn.EmbeddingBag(29, 6, mode="sum", padding_idx=2),
+                                   "b": nn.EmbeddingBag(29, 6, mode="sum", include_last_offset=True)}),
+                    PEPConfig(threshold_init=-2.0, optimizer=Adam(lr=0.05, weight_decay=1e-3)))
+    a_input, b_input = bag_input("offsets"), bag_input("last_offset")
+    for _ in range(10):
+        (model["a"](*a_input).square().mean() + model["b"](*b_input).square().mean()).backward()
+    model["b"] = MaskedEmbeddingBag(model["b"].weight.detach(), model["b"].mask(), mode="sum",
+                                    include_last_offset=True)  # its retrained twin
+    expected = model["a"](*a_input), model["b"](*b_input)
+    convert_to_serving(model)
+    assert isinstance(model["a"], PrunedEmbeddingBag) and isinstance(model["b"], PrunedEmbeddingBag)
+    assert torch.equal(model["a"](*a_input), expected[0]) and torch.equal(model["b"](*b_input), expected[1])
+
+
+def test_torchrec_collection_converts_table_by_table():
+    torchrec = pytest.importorskip("torchrec", reason="torchrec is an optional extra (requirements-torchrec.txt)")
+    from pep_kernels.collection import PEPEmbeddingBagCollection
+
+    torch.manual_seed(0)
+    ebc = torchrec.EmbeddingBagCollection(is_weighted=True, tables=[
+        torchrec.EmbeddingBagConfig(name="t1", embedding_dim=4, num_embeddings=10, feature_names=["f1", "f2"]),
+        torchrec.EmbeddingBagConfig(name="t2", embedding_dim=3, num_embeddings=7, feature_names=["f3"])])
+    features = torchrec.KeyedJaggedTensor.from_lengths_sync(
+        keys=["f1", "f2", "f3"], values=torch.tensor([1, 2, 3, 4, 5, 6, 0, 1, 6]),
+        lengths=torch.tensor([2, 0, 1, 1, 2, 3]), weights=torch.rand(9))
+    expected = ebc(features)
+    seen = []
+    model = convert(nn.ModuleDict({"ebc": ebc}), PEPConfig(threshold_init=-150.0),
+                    filter_fn=lambda module, fqn: seen.append(fqn) or fqn.endswith("t1"))
+    assert seen == ["ebc.embedding_bags.t1", "ebc.embedding_bags.t2"]
+    converted = model["ebc"]
+    assert isinstance(converted, PEPEmbeddingBagCollection) and converted.is_weighted()
+    assert isinstance(converted.embedding_bags["t1"], PEPEmbeddingBag)
+    assert converted.embedding_bags["t2"] is ebc.embedding_bags["t2"]  # left as it was
+    got = converted(features)
+    assert got.keys() == ["f1", "f2", "f3"] and got.length_per_key() == [4, 4, 3]
+    assert torch.equal(got.values(), expected.values())
+    untouched = convert(nn.ModuleDict({"ebc": ebc}), PEPConfig(), filter_fn=lambda module, fqn: False)
+    assert untouched["ebc"] is ebc
+    with pytest.raises(ValueError, match=r"lacks the features \['f3'\]"):
+        converted(torchrec.KeyedJaggedTensor.from_lengths_sync(keys=["f1", "f2"], values=torch.tensor([1]),
+                                                               lengths=torch.tensor([1, 0]), weights=torch.ones(1)))

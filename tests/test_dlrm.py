@@ -98,3 +98,136 @@ def test_movielens_100k_as_a_dlrm_sees_it():
     # age is monotone in the plain field's age groups
     groups = plain.x[:, plain.field_names.index("age")]
     assert all(data.dense[groups == g, 0].max() < data.dense[groups == g + 1, 0].min() for g in range(6))
+
+
+# --- the worked example: converted in one call, searched to a byte budget, retrained, exported, served
+
+from pep_kernels import PEPConfig, PEPEmbeddingBag, PrunedEmbeddingBag, convert, convert_to_serving  # noqa: E402
+from pep_kernels.cli import main  # noqa: E402
+from pep_kernels.optim import Adam  # noqa: E402
+from pep_kernels.train.batches import run_model  # noqa: E402
+from pep_kernels.train.tables import (export_stores, load_retrained_model, load_stores, retrain_model,  # noqa: E402
+                                      search_model)
+
+QUIET = dict(log=lambda *_: None)
+CONFIG = PEPConfig(threshold_init=-6.0, optimizer=Adam(lr=1e-2, weight_decay=1e-5, mode="faithful"))
+
+
+def splits(data):
+    n = len(data)
+    return [data.take(torch.arange(a, b)) for a, b in ((0, int(0.8 * n)), (int(0.8 * n), int(0.9 * n)), (int(0.9 * n), n))]
+
+
+@torch.no_grad()
+def scores(model, batches):
+    model.eval()
+    return torch.cat([run_model(model, inputs) for inputs, _ in batches])
+
+
+def byte_budget_flow(tmp_path, make_model, batches, budget):
+    """The workflow of the README's example: search to `budget` bytes, retrain, export, serve.
+    Returns the search summary, the retrain result, and the retrained and served scores."""
+    train, val, test = batches
+    run = search_model(convert(make_model(), CONFIG), train, tmp_path / "run", [f"{budget}B"], epochs=6, steps=60,
+                       lr=1e-2, **QUIET)
+    model = convert(make_model(), CONFIG)
+    result = retrain_model(model, tmp_path / "run", 1, train, val, test, epochs=3, patience=1, lr=1e-2,
+                           save_path=tmp_path / "retrained.safetensors", **QUIET)
+    retrained = scores(model, test)
+    export_stores(model, tmp_path / "stores")
+    served = convert_to_serving(load_retrained_model(convert(make_model(), CONFIG), tmp_path / "retrained.safetensors")[0],
+                                load_stores(tmp_path / "stores"))
+    return run, result, retrained, served
+
+
+def test_dlrm_converted_searched_retrained_and_served(tmp_path):
+    data = small_data(3000)
+    batches = [DLRMBatches(data_part, 256, shuffle=i > 0) if i == 0 else DLRMBatches(data_part, 1000, shuffle=False)
+               for i, data_part in enumerate(splits(data))]
+
+    def make_model():
+        torch.manual_seed(0)
+        return DLRM(2, DLRMBatches.tables(data), embedding_dim=8, bottom_mlp=(8,), top_mlp=(8,))
+
+    model = convert(make_model(), CONFIG)
+    assert all(isinstance(t, PEPEmbeddingBag) for t in model.embeddings.values())
+    full_bytes = 4 * 8 * (11 + 5 + 7)
+    run, result, retrained, served = byte_budget_flow(tmp_path, make_model, batches, full_bytes // 2)
+    assert not run["unreached"] and run["levels"][1]["store_bytes"] <= full_bytes // 2
+    assert result["store_bytes"] <= full_bytes // 2 and 0.4 < result["test_auc"] <= 1
+    assert all(isinstance(t, PrunedEmbeddingBag) for t in served.embeddings.values())
+    assert sum(t.store.nbytes for t in served.embeddings.values()) == result["store_bytes"]
+    assert torch.equal(scores(served, batches[2]), retrained)  # the stores score exactly what the model scores
+
+
+def kjt_batches(data, batch_size):
+    """(KeyedJaggedTensor of every field and bag, labels) batches, for a TorchRec model."""
+    from torchrec import KeyedJaggedTensor
+
+    for rows in torch.arange(len(data)).split(batch_size):
+        part = data.take(rows)
+        lengths = [torch.ones(len(rows), dtype=torch.int64)] * part.x.shape[1] + \
+            [bag.offsets[1:] - bag.offsets[:-1] for bag in part.bags]
+        values = [part.x[:, f] for f in range(part.x.shape[1])] + [bag.values for bag in part.bags]
+        yield KeyedJaggedTensor.from_lengths_sync(keys=[*part.field_names, *(b.name for b in part.bags)],
+                                                  values=torch.cat(values), lengths=torch.cat(lengths)), part.y
+
+
+class Batches:
+    def __init__(self, data, batch_size):
+        self.data, self.batch_size = data, batch_size
+
+    def __len__(self):
+        return -(-len(self.data) // self.batch_size)
+
+    def __iter__(self):
+        return kjt_batches(self.data, self.batch_size)
+
+
+def test_torchrec_collection_converted_searched_retrained_and_served(tmp_path):
+    torchrec = pytest.importorskip("torchrec", reason="torchrec is an optional extra (requirements-torchrec.txt)")
+    from pep_kernels.collection import PEPEmbeddingBagCollection
+
+    data = small_data(3000)
+    tables = DLRMBatches.tables(data)
+
+    class CollectionModel(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ebc = torchrec.EmbeddingBagCollection(tables=[
+                torchrec.EmbeddingBagConfig(name=f"t_{name}", embedding_dim=8, num_embeddings=n, feature_names=[name])
+                for name, n in tables.items()])
+            self.top = nn.Sequential(nn.Linear(8 * len(tables), 8), nn.ReLU(), nn.Linear(8, 1))
+
+        def forward(self, features):
+            return self.top(self.ebc(features).values()).squeeze(1)
+
+    def make_model():
+        torch.manual_seed(0)
+        return CollectionModel()
+
+    original = make_model()
+    model = convert(make_model(), PEPConfig(threshold_init=-150.0))
+    assert isinstance(model.ebc, PEPEmbeddingBagCollection)
+    # the collection's names, and a threshold beside each table's weight
+    assert set(model.state_dict()) == set(original.state_dict()) | {f"ebc.embedding_bags.t_{n}.threshold" for n in tables}
+    features, _ = next(kjt_batches(data, 100))
+    expected, got = original.ebc(features), model.ebc(features)
+    assert got.keys() == expected.keys() and got.length_per_key() == expected.length_per_key()
+    assert torch.equal(got.values(), expected.values())  # nothing pruned at -150: nn.EmbeddingBag's bits
+
+    batches = [Batches(part, 256 if i == 0 else 1000) for i, part in enumerate(splits(data))]
+    full_bytes = 4 * 8 * sum(tables.values())
+    run, result, retrained, served = byte_budget_flow(tmp_path, make_model, batches, full_bytes // 2)
+    assert not run["unreached"] and sorted(run["levels"][1]["tables"]) == [f"ebc.embedding_bags.t_{n}" for n in
+                                                                          sorted(tables)]
+    assert result["store_bytes"] <= full_bytes // 2
+    assert all(isinstance(t, PrunedEmbeddingBag) for t in served.ebc.embedding_bags.values())
+    assert torch.equal(scores(served, batches[2]), retrained)
+
+
+def test_demo_runs_the_dlrm_example(tmp_path, capsys):
+    main(["demo", "--model", "dlrm", "--data", "synthetic=3000", "--epochs", "2", "--out", str(tmp_path / "demo")])
+    out = capsys.readouterr().out  # 6 steps cannot reach the budgets: the demo's table, without its rows
+    assert "full (fp32, dense)" in out and "entries kept per table" in out and "budgets not reached" in out
+    assert (tmp_path / "demo" / "demo.json").stat().st_size > 0

@@ -239,5 +239,7 @@ def test_masked_bag_pools_the_masked_table_and_keeps_pruned_entries_zero(form):
     assert not bag.weight.detach()[~mask].any() and bag.weight.detach()[mask].ne(weight[mask]).any()
     with pytest.raises(IndexError, match="out of range"):
         bag(torch.tensor([20]), torch.tensor([0]))
-    with pytest.raises(ValueError, match="mode must be 'sum' or 'mean'"):
+    with pytest.raises(ValueError, match="bag offsets must be non-decreasing"):
+        bag(torch.tensor([1, 2, 3]), torch.tensor([0, 2, 1]) if form != "include_last_offset" else torch.tensor([0, 2, 1, 3]))
+    with pytest.raises(ValueError, match="unknown mode 'max'"):
         MaskedEmbeddingBag(weight, mask, mode="max")
