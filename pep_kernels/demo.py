@@ -143,9 +143,9 @@ def run_dlrm_demo(out_dir="pep-demo-dlrm", data=None, epochs=30, device="cpu", b
     tables = DLRMBatches.tables(data)
     num_dense = 0 if data.dense is None else data.dense.shape[1]
     full_bytes = 4 * DLRM_DIM * sum(tables.values())
-    log(f"{name}: {len(data)} examples; DLRM with {len(tables)} tables of {DLRM_DIM} dims "
-        f"({', '.join(f'{t} {n}' for t, n in tables.items())} rows: {full_bytes} bytes) and {num_dense} dense features; "
-        f"output in {out_dir}/")
+    log(f"{name}: {len(data)} examples; output in {out_dir}/\n"
+        f"DLRM: {num_dense} dense features, {len(tables)} tables of {DLRM_DIM} dims "
+        f"({', '.join(f'{t} {n}' for t, n in tables.items())} rows): {full_bytes} bytes")
 
     def make_model():
         torch.manual_seed(seed)
@@ -167,7 +167,8 @@ def run_dlrm_demo(out_dir="pep-demo-dlrm", data=None, epochs=30, device="cpu", b
     for level in run["levels"][1:]:
         model = convert(make_model(), config)
         result = retrain_model(model, out_dir / "search", level["level"], train, val, test, epochs=epochs, patience=3,
-                               lr=TRAIN_LR, seed=seed, save_path=out_dir / f"retrained-level{level['level']}.safetensors",
+                               lr=TRAIN_LR, seed=seed,
+                               save_path=out_dir / f"retrained-level{level['level']}.safetensors",
                                **quiet)
         store_dir = out_dir / f"stores-level{level['level']}"
         export_stores(model, store_dir)

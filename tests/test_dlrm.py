@@ -1,11 +1,18 @@
-"""The worked example: a plain PyTorch DLRM, its batches and MovieLens-100K's multi-hot view."""
+"""The worked example: a plain PyTorch DLRM, its batches and MovieLens-100K's multi-hot view; the
+DLRM and a TorchRec EmbeddingBagCollection model converted, searched to a byte budget, retrained,
+exported and served from stores; `pep demo --model dlrm`."""
 
 import pytest
 import torch
 from torch import nn
 
+from pep_kernels import PEPConfig, PEPEmbeddingBag, PrunedEmbeddingBag, convert, convert_to_serving
+from pep_kernels.cli import main
 from pep_kernels.data import BagField, CTRData, load_movielens_100k
 from pep_kernels.models import DLRM, DLRMBatches
+from pep_kernels.optim import Adam
+from pep_kernels.train.batches import run_model
+from pep_kernels.train.tables import export_stores, load_retrained_model, load_stores, retrain_model, search_model
 
 
 def small_data(n=300, seed=0):
@@ -102,20 +109,14 @@ def test_movielens_100k_as_a_dlrm_sees_it():
 
 # --- the worked example: converted in one call, searched to a byte budget, retrained, exported, served
 
-from pep_kernels import PEPConfig, PEPEmbeddingBag, PrunedEmbeddingBag, convert, convert_to_serving  # noqa: E402
-from pep_kernels.cli import main  # noqa: E402
-from pep_kernels.optim import Adam  # noqa: E402
-from pep_kernels.train.batches import run_model  # noqa: E402
-from pep_kernels.train.tables import (export_stores, load_retrained_model, load_stores, retrain_model,  # noqa: E402
-                                      search_model)
-
 QUIET = dict(log=lambda *_: None)
 CONFIG = PEPConfig(threshold_init=-6.0, optimizer=Adam(lr=1e-2, weight_decay=1e-5, mode="faithful"))
 
 
 def splits(data):
     n = len(data)
-    return [data.take(torch.arange(a, b)) for a, b in ((0, int(0.8 * n)), (int(0.8 * n), int(0.9 * n)), (int(0.9 * n), n))]
+    ends = (0, int(0.8 * n), int(0.9 * n), n)
+    return [data.take(torch.arange(a, b)) for a, b in zip(ends, ends[1:])]
 
 
 @torch.no_grad()
@@ -135,8 +136,8 @@ def byte_budget_flow(tmp_path, make_model, batches, budget):
                            save_path=tmp_path / "retrained.safetensors", **QUIET)
     retrained = scores(model, test)
     export_stores(model, tmp_path / "stores")
-    served = convert_to_serving(load_retrained_model(convert(make_model(), CONFIG), tmp_path / "retrained.safetensors")[0],
-                                load_stores(tmp_path / "stores"))
+    loaded, _ = load_retrained_model(convert(make_model(), CONFIG), tmp_path / "retrained.safetensors")
+    served = convert_to_serving(loaded, load_stores(tmp_path / "stores"))
     return run, result, retrained, served
 
 
@@ -210,7 +211,8 @@ def test_torchrec_collection_converted_searched_retrained_and_served(tmp_path):
     model = convert(make_model(), PEPConfig(threshold_init=-150.0))
     assert isinstance(model.ebc, PEPEmbeddingBagCollection)
     # the collection's names, and a threshold beside each table's weight
-    assert set(model.state_dict()) == set(original.state_dict()) | {f"ebc.embedding_bags.t_{n}.threshold" for n in tables}
+    thresholds = {f"ebc.embedding_bags.t_{name}.threshold" for name in tables}
+    assert set(model.state_dict()) == set(original.state_dict()) | thresholds
     features, _ = next(kjt_batches(data, 100))
     expected, got = original.ebc(features), model.ebc(features)
     assert got.keys() == expected.keys() and got.length_per_key() == expected.length_per_key()

@@ -36,9 +36,9 @@ class ThreeTables(nn.Module):
         return self.mlp(torch.cat([table(x[:, f]) for f, table in enumerate(self.tables.values())], 1)).squeeze(1)
 
 
-def make_model(seed=0, optimizer=None):
+def make_model(seed=0):
     torch.manual_seed(seed)
-    return convert(ThreeTables(), PEPConfig(threshold_init=-6.0, optimizer=optimizer or Adam(lr=1e-2, weight_decay=1e-5)))
+    return convert(ThreeTables(), PEPConfig(threshold_init=-6.0, optimizer=Adam(lr=1e-2, weight_decay=1e-5)))
 
 
 @pytest.fixture(scope="module")
@@ -221,7 +221,8 @@ def test_masked_bag_pools_the_masked_table_and_keeps_pruned_entries_zero(form):
     torch.manual_seed(0)
     weight, mask = torch.randn(20, 5), torch.rand(20, 5) > 0.5
     mode = "mean" if form == "mean" else "sum"
-    kwargs = dict(mode=mode, include_last_offset=form == "include_last_offset", padding_idx=3 if form == "padding" else None)
+    kwargs = dict(mode=mode, include_last_offset=form == "include_last_offset",
+                  padding_idx=3 if form == "padding" else None)
     bag = MaskedEmbeddingBag(weight, mask, **kwargs)
     ids = torch.tensor([3, 1, 3, 7, 7, 19, 0, 3])
     offsets = torch.tensor([0, 2, 2, 5]) if form != "include_last_offset" else torch.tensor([0, 2, 2, 5, 8])
@@ -240,6 +241,6 @@ def test_masked_bag_pools_the_masked_table_and_keeps_pruned_entries_zero(form):
     with pytest.raises(IndexError, match="out of range"):
         bag(torch.tensor([20]), torch.tensor([0]))
     with pytest.raises(ValueError, match="bag offsets must be non-decreasing"):
-        bag(torch.tensor([1, 2, 3]), torch.tensor([0, 2, 1]) if form != "include_last_offset" else torch.tensor([0, 2, 1, 3]))
+        bag(torch.tensor([1, 2, 3]), torch.tensor([0, 2, 1, 3] if kwargs["include_last_offset"] else [0, 2, 1]))
     with pytest.raises(ValueError, match="unknown mode 'max'"):
         MaskedEmbeddingBag(weight, mask, mode="max")

@@ -42,7 +42,8 @@ class DLRM(nn.Module):
         if not tables:
             raise ValueError("DLRM needs at least one embedding table")
         self.num_dense, self.embedding_dim = num_dense, embedding_dim
-        self.embeddings = nn.ModuleDict({name: nn.EmbeddingBag(n, embedding_dim, mode=mode) for name, n in tables.items()})
+        self.embeddings = nn.ModuleDict({name: nn.EmbeddingBag(n, embedding_dim, mode=mode)
+                                         for name, n in tables.items()})
         for bag in self.embeddings.values():
             bound = math.sqrt(1 / bag.num_embeddings)
             nn.init.uniform_(bag.weight, -bound, bound)

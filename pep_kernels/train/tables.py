@@ -75,7 +75,8 @@ class ModelBudgets:
         if not budgets:
             raise ValueError("need at least one budget")
         if any(in_bytes) and not all(in_bytes):
-            raise ValueError(f"budgets must all be bytes (like 24000B) or all sparsities and counts, got {list(budgets)}")
+            raise ValueError(f"budgets must all be bytes (like 24000B) or all sparsities and counts, got "
+                             f"{list(budgets)}")
         self.unit = "bytes" if all(in_bytes) else "entries"
         self.fixed = sum(_offset_bytes(n) for n, _ in self.shapes.values()) if self.unit == "bytes" else 0
         totals = set()
