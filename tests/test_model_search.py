@@ -244,3 +244,12 @@ def test_masked_bag_pools_the_masked_table_and_keeps_pruned_entries_zero(form):
         bag(torch.tensor([1, 2, 3]), torch.tensor([0, 2, 1, 3] if kwargs["include_last_offset"] else [0, 2, 1]))
     with pytest.raises(ValueError, match="unknown mode 'max'"):
         MaskedEmbeddingBag(weight, mask, mode="max")
+
+
+def test_faithful_pruning_leaves_gk_alone_and_counts_every_n_steps(tmp_path, data):
+    summary = search_model(make_model(), batches(data[0]), tmp_path, [0.3], pruning="faithful", count_every=3,
+                           **dict(SEARCH, steps=None))
+    assert summary["plan"] is None and [h[0] for h in summary["history"][:3]] == [3, 6, 9]
+    assert all(h[-1] == 1.0 for h in summary["history"])
+    with pytest.raises(ValueError, match="faithful pruning has no plan"):
+        search_model(make_model(), batches(data[0]), tmp_path / "x", [0.3], pruning="faithful", **SEARCH)
