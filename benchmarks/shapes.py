@@ -15,6 +15,7 @@ class Shape:
     batch: int
     fields: int
     zipf: float = 0.0  # 0: uniform ids
+    max_bag: int = 0  # > 0: each of the batch's B x F features is a bag of uniform 1..max_bag ids
 
     @property
     def lookups(self):
@@ -28,6 +29,7 @@ SHAPES = {
         Shape("avazu", 645_394, 24, 1024, 22),
         Shape("wide", 100_000, 128, 4096, 26),
         Shape("skewed", 1_000_000, 32, 2048, 39, zipf=1.1),
+        Shape("bags", 1_000_000, 32, 2048, 26, zipf=1.1, max_bag=40),
     )
 }
 
@@ -48,6 +50,21 @@ def make_ids(shape, generator, batches=1):
     else:
         ids = torch.randint(0, shape.rows, (count,), generator=generator)
     return ids.view(batches, shape.batch, shape.fields)
+
+
+def make_bags(shape, generator, batches=1):
+    """`batches` batches of bags, each (ids (n,) int64, offsets (B x F,) int64 bag starts): every one
+    of the batch's B x F features a bag of uniform 1..max_bag ids drawn as `make_ids` draws them."""
+    out = []
+    for _ in range(batches):
+        lengths = torch.randint(1, shape.max_bag + 1, (shape.lookups,), generator=generator)
+        count = int(lengths.sum())
+        if shape.zipf:
+            ids = torch.multinomial(lookup_probabilities(shape), count, replacement=True, generator=generator)
+        else:
+            ids = torch.randint(0, shape.rows, (count,), generator=generator)
+        out.append((ids, torch.cumsum(lengths, 0) - lengths))
+    return out
 
 
 def make_inputs(shape, mode="feature_dim", device="cpu", dtype=torch.float32, seed=0):

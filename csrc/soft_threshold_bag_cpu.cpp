@@ -134,7 +134,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bag_backward(
   });
 
   // The lookups that reach a row (padding ones do not), grouped by row; each row's lookups are
-  // accumulated by one task in a fixed order.
+  // accumulated by one task in a fixed order. Their bags and factors are gathered in that order
+  // once, so that the kernel reads them in sequence (`order` the identity), not at random.
   at::Tensor keys = b.ids.to(at::kLong), positions;
   if (b.padding_idx >= 0) {
     positions = at::nonzero(keys != b.padding_idx).view(-1);
@@ -142,6 +143,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bag_backward(
   }
   auto [sorted_ids, order] = sort_ids(keys.contiguous(), num_rows);
   if (positions.defined()) order = positions.index_select(0, order);
+  const at::Tensor sorted_bags = lookup_bags.index_select(0, order);
+  const at::Tensor sorted_scale = scaled ? scale.index_select(0, order) : at::Tensor();
+  const at::Tensor in_order = at::arange(order.numel(), order.options());
   auto [seg_rows, inverse, counts] = at::unique_consecutive(sorted_ids, false, /*return_counts=*/true);
   const at::Tensor seg_start = at::constant_pad_nd(at::cumsum(counts, 0), {1, 0}, 0);
   const int64_t num_segments = seg_rows.numel();
@@ -153,10 +157,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bag_backward(
   };
   at::Tensor grad_w = alloc(d);
   at::Tensor grad_s = per_row ? alloc(s.size(1)) : at::Tensor();
-  // Shared thresholds: one term per lookup, written by the kernel for the lookups that reach a row.
-  at::Tensor contrib = per_row ? at::Tensor()
-                               : (positions.defined() ? at::zeros({n, d}, weight.options())
-                                                      : at::empty({n, d}, weight.options()));
+  // Shared thresholds: one term per lookup that reaches a row, in sorted order.
+  at::Tensor contrib = per_row ? at::Tensor() : at::empty({order.numel(), d}, weight.options());
   at::Tensor grad_weights = at::empty({b.per_sample_weights.defined() && fused == nullptr ? n : 0}, weight.options());
 
   AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "pep_bag_backward", [&] {
@@ -169,7 +171,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bag_backward(
       }
     }
     BackwardArgs<scalar_t> args{
-        seg_rows.data_ptr<int64_t>(), seg_start.data_ptr<int64_t>(), order.data_ptr<int64_t>(),
+        seg_rows.data_ptr<int64_t>(), seg_start.data_ptr<int64_t>(), in_order.data_ptr<int64_t>(),
         weight.data_ptr<scalar_t>(), weight.stride(0), weight.stride(1), s.data_ptr<scalar_t>(), s.stride(0),
         s.stride(1), s.size(0), grad_out.data_ptr<scalar_t>(), d, b.layout, static_cast<scalar_t>(gk), sparse,
         grad_w.defined() ? grad_w.data_ptr<scalar_t>() : nullptr,
@@ -177,8 +179,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bag_backward(
         per_row ? nullptr : contrib.data_ptr<scalar_t>(),
         fused != nullptr ? &update_w : nullptr,
         fused != nullptr && per_row ? &update_s : nullptr};
-    args.grad_rows = lookup_bags.data_ptr<int64_t>();
-    args.grad_scale = scaled ? scale.data_ptr<scalar_t>() : nullptr;
+    args.grad_rows = sorted_bags.data_ptr<int64_t>();
+    args.grad_scale = scaled ? sorted_scale.data_ptr<scalar_t>() : nullptr;
     const bool avx2 = cpu_has_avx2();
     const int64_t per_segment = d * std::max<int64_t>(1, n / std::max<int64_t>(num_segments, 1));
     at::parallel_for(0, num_segments, grain(per_segment), [&](int64_t begin, int64_t end) {

@@ -282,6 +282,8 @@ class PEPEmbeddingBag(PEPEmbedding):
     ):
         check_bag_mode(threshold_mode)
         check_pooling(mode, "mode")
+        if sparse and backend == "reference":
+            raise ValueError("backend 'reference' gives dense gradients: sparse=True needs a kernel backend")
         super().__init__(num_embeddings, embedding_dim, threshold_mode=threshold_mode, threshold_init=threshold_init,
                          threshold_slope=threshold_slope, gk=gk, sparse=sparse, backend=backend, optimizer=optimizer,
                          device=device, dtype=dtype)
@@ -454,9 +456,9 @@ class PrunedEmbeddingBag(PrunedEmbedding):
                                        padding_idx=model.bag.padding_idx)
 
     Float32 (B, d). The store sums a bag in id order, as torch and the CPU kernel of
-    `PEPEmbeddingBag` do: an fp32 store's plain sums are the same bits wherever the rows are; it
-    rounds means (times 1 / count) and weighted rows (a product, then a sum) its own way, within
-    an ulp of each addition.
+    `PEPEmbeddingBag` do: an fp32 store's plain sums are theirs bit for bit wherever its rows
+    equal theirs; it rounds means (times 1 / count) and weighted rows (a product, then a sum) its
+    own way, within an ulp of each addition.
     """
 
     def __init__(self, store, *, mode="mean", padding_idx=None, include_last_offset=False):

@@ -261,6 +261,8 @@ def test_module_rejects_what_a_bag_cannot_do():
         soft_threshold_embedding_bag(ids, weight, threshold, offsets, backend="triton")
     with pytest.raises(ValueError, match="backend 'reference' gives dense gradients"):
         soft_threshold_embedding_bag(ids, weight, threshold, offsets, sparse=True, backend="reference")
+    with pytest.raises(ValueError, match="backend 'reference' gives dense gradients"):
+        PEPEmbeddingBag(10, 4, sparse=True, backend="reference")
 
 
 # ---------------------------------------------------------------- fused optimizers
@@ -615,3 +617,22 @@ def test_trained_bag_served_from_a_store(mode):
         served_last(ids, last[:-1])
     with pytest.raises(IndexError, match=rf"index {ROWS} is out of range"):
         served(torch.tensor([0, ROWS]), torch.tensor([0]))
+
+
+@pytest.mark.gpu
+def test_served_bags_on_cuda_match_the_cpu():
+    """PrunedEmbeddingBag's own steps (offset checks, dropping padding ids) on CUDA tensors, over the
+    CUDA store kernel: the CPU store's bags (the kernels add in another order: a few ulps)."""
+    gen = torch.Generator().manual_seed(8)
+    table = torch.where(torch.rand(50, 24, generator=gen) < 0.4, torch.randn(50, 24, generator=gen), 0.0)
+    store = SparseRowStore.from_dense(table)
+    ids, offsets = torch.randint(0, 50, (60,), generator=gen), torch.tensor([0, 7, 7, 30])
+    ids[:5] = 3
+    weights = torch.rand(60, generator=gen)
+    for pooling, psw in (("sum", weights), ("mean", None)):
+        cpu = PrunedEmbeddingBag(store, mode=pooling, padding_idx=3)
+        gpu = PrunedEmbeddingBag(SparseRowStore.from_dense(table), mode=pooling, padding_idx=3).to("cuda")
+        got = gpu(ids.cuda(), offsets.cuda(), None if psw is None else psw.cuda())
+        torch.testing.assert_close(got.cpu(), cpu(ids, offsets, psw), **bag_tol(30))
+    with pytest.raises(ValueError, match=r"non-decreasing, got offsets\[2\] = 5"):
+        gpu(ids.cuda(), torch.tensor([0, 7, 5], device="cuda"))
