@@ -285,7 +285,7 @@ def search_model(model, train, out_dir, budgets, *, epochs=10, steps=None, alloc
         "pruning": pruning, "seed": seed, "steps": state["step"], "plan": state.get("plan"),
         "groups": {g: {"tables": members, "budgets": [plan.in_unit(members, c) for c in costs]}
                    for g, (members, costs) in groups.items()},
-        "unreached": {g: r for g, r in state["remaining"].items() if r},
+        "unreached": {g: [plan.in_unit(groups[g][0], c) for c in r] for g, r in state["remaining"].items() if r},
         "snapshots": state["snapshots"], "levels": levels(state["snapshots"], len(plan.totals), names),
         "history_columns": ["step"] + [f"nnz:{fqn}" for fqn in names] + [f"gk:{g}" for g in groups],
     }
