@@ -150,9 +150,13 @@ def cmd_bench(args):
 
 
 def cmd_demo(args):
-    from .demo import run_demo
+    from .demo import run_demo, run_dlrm_demo
 
     data = None if args.data is None else (load_data(args.data, args.seed), args.data)
+    if args.model == "dlrm":
+        run_dlrm_demo(out_dir=args.out, data=data, epochs=args.epochs, device=args.device, backend=args.backend,
+                      seed=args.seed)
+        return
     run_demo(out_dir=args.out, data=data, model=args.model, epochs=args.epochs, device=args.device,
              backend=args.backend, seed=args.seed)
 
@@ -231,8 +235,11 @@ def main(argv=None):
 
     p = commands.add_parser("demo", help="baseline, PEP search and retrain on MovieLens-100K (or synthetic data)")
     p.add_argument("--out", type=Path, default=Path("pep-demo"), help="output folder (default: pep-demo)")
-    p.add_argument("--data", help=f"{DATASETS} (default: ml-100k when recbole is installed, else synthetic)")
-    p.add_argument("--model", default="fm", choices=sorted(MODELS))
+    p.add_argument("--data", help=f"{DATASETS} (default: ml-100k when recbole is installed, else synthetic; for "
+                                  "dlrm, ml-100k with genres as a multi-hot bag and age and year as dense features)")
+    p.add_argument("--model", default="fm", choices=sorted(MODELS) + ["dlrm"],
+                   help="a built-in (B, F) model, or dlrm: a plain PyTorch DLRM with one nn.EmbeddingBag per "
+                        "feature, converted by pep_kernels.convert and searched to byte budgets of all its tables")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--device", default="cpu")
     p.add_argument("--backend", default="auto", choices=["auto", "triton", "cpu", "reference"])

@@ -68,28 +68,50 @@ def functional_id_errors(device):
 
 
 def soft_threshold_embedding(
-    indices, weight, threshold, *, mode="feature_dim", gk=1.0, sparse=False, backend="auto", field_offsets=None,
-    bounds_check=None, id_errors=None,
-):
-    """Soft-thresholded embedding lookup (PEP): `indices.shape + (d,)`.
+    indices: torch.Tensor, weight: torch.Tensor, threshold: torch.Tensor, *, mode: str = "feature_dim",
+    gk: float = 1.0, sparse: bool = False, backend: str = "auto", field_offsets: torch.Tensor | None = None,
+    bounds_check: str | None = None, id_errors: DeferredIdErrors | None = None,
+) -> torch.Tensor:
+    """Soft-thresholded embedding lookup (PEP, PEP_SPEC sections 1-2):
 
         out = sign(W[indices]) * relu(|W[indices]| - gk * sigmoid(s[...]))
 
-    `threshold` has the shape of its `mode` (see `threshold_shape`); for the field modes the last
-    axis of `indices` is the field axis and its size must equal `threshold.shape[0]`. With
-    `field_offsets` ((F + 1,) int64: 0, then the cumulative field sizes) `indices` are per-field
-    local ids (..., F), offset and checked per field by the kernels. `sparse=True` gives
-    row-sparse gradients for `weight` and for per-row thresholds (`feature`, `feature_dim`), like
-    `nn.Embedding(sparse=True)`: coalesced on CPU; on GPU one entry per lookup (uncoalesced, as
-    torch makes them; coalescing would need the number of distinct rows on the host). The
-    backward is deterministic on every backend (each row's lookups are summed in a fixed order).
+    Args:
+        indices: int32 or int64 ids of any shape. For the field modes (and with `field_offsets`)
+            the last axis is the field axis.
+        weight: the table W, (N, d): float32 or float64 (float16/bfloat16 on GPU).
+        threshold: the learnable s, of its mode's shape (`threshold_shape`).
+        mode: global, dimension, feature, feature_dim, field or field_dim (PEP_SPEC's table).
+        gk: the threshold's scale, a finite float >= 0 (0: no pruning).
+        sparse: row-sparse gradients of `weight` and of per-row thresholds, as
+            `nn.Embedding(sparse=True)`: coalesced on CPU; on GPU one entry per lookup
+            (uncoalesced: coalescing needs the number of distinct rows on the host).
+        backend: "auto" (the dispatcher: C++ for CPU tensors, Triton for CUDA tensors),
+            "triton" (the Triton kernels, also on CPU tensors under TRITON_INTERPRET=1), "cpu" or
+            "reference" (eager PyTorch).
+        field_offsets: (F + 1,) int64, 0 then the cumulative field sizes: `indices` are then
+            per-field local ids (..., F), offset and checked per field by the kernels.
+        bounds_check: "strict" raises before any kernel runs (on GPU a host sync); "deferred"
+            lets the GPU kernels mask and record a bad id in `id_errors`, and the IndexError comes
+            from a later call once the record has reached the host, or from `id_errors.wait()`.
+            None: strict on CPU, deferred on GPU. The C++ kernels raise at once either way.
+        id_errors: where deferred checks record (default: one per device for functional calls).
 
-    `bounds_check`: "strict" raises IndexError before any kernel runs (on GPU it reads the ids
-    back: one host sync); "deferred" has the GPU kernels mask an out-of-range id (never read,
-    zeros out, no gradient) and record it in `id_errors` (a `DeferredIdErrors`; by default one
-    per device for functional calls), and the IndexError naming the id, its position and the valid
-    range is raised by a later call once the record has reached the host without blocking, or by
-    `id_errors.wait()`. None: strict on CPU, deferred on GPU. The C++ kernels always raise at once.
+    Returns:
+        `indices.shape + (d,)`, the weight's dtype. The backward is deterministic on every backend.
+
+    Raises:
+        IndexError: an id out of range (naming it, its field and the valid range).
+        ValueError: a threshold shape that does not fit the mode, mixed devices, bad `gk`, an
+            unknown mode or backend.
+        TypeError: ids, weights or thresholds of the wrong dtype.
+
+    Example:
+        >>> weight = torch.randn(100, 16, requires_grad=True)
+        >>> threshold = torch.full((100, 16), -4.0, requires_grad=True)
+        >>> out = soft_threshold_embedding(torch.tensor([[3, 7], [7, 99]]), weight, threshold)
+        >>> out.shape
+        torch.Size([2, 2, 16])
     """
     gk = check_lookup(indices, weight, threshold, mode, gk, field_offsets)
     backend = resolve_backend(backend, weight.device)

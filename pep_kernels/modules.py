@@ -4,8 +4,8 @@ import torch
 from torch import nn
 
 from ._validation import (PER_FIELD, PER_ROW, bag_inputs, check_bag_mode, check_bag_offsets, check_field_dims, check_gk,
-                          check_ids_shape, check_lookup, check_pooling, initial_thresholds, mode_layout, padding_row,
-                          threshold_shape)
+                          check_ids_in_range, check_ids_shape, check_lookup, check_pooling, initial_thresholds,
+                          mode_layout, padding_row, threshold_shape)
 from .functional import (prepare_id_check, resolve_backend, soft_threshold_embedding, soft_threshold_embedding_bag,
                          soft_threshold_rows)
 from .ops.bag import FusedBagStepFunction
@@ -430,6 +430,31 @@ class MaskedEmbedding(_FieldTable):
     def extra_repr(self):
         fields = "" if self.field_dims is None else f", fields={self.field_dims.numel()}"
         return f"{self.num_embeddings}, {self.embedding_dim}, kept={int(self.keep.sum())}{fields}"
+
+
+class MaskedEmbeddingBag(MaskedEmbedding):
+    """The retrain stage of a PEP bag table: `MaskedEmbedding`'s fixed mask behind the contract
+    of `nn.EmbeddingBag` as `PEPEmbeddingBag` takes it (`forward(input, offsets=None,
+    per_sample_weights=None)`; `mode` "sum" or "mean", `include_last_offset`, `padding_idx`; the
+    same checks of ids and offsets). The rows are pooled by `F.embedding_bag` from the masked
+    table, so pruned entries get no gradient and stay zero."""
+
+    def __init__(self, weight, mask, *, mode="mean", include_last_offset=False, padding_idx=None, copy=True):
+        check_pooling(mode, "mode")
+        super().__init__(weight, mask, copy=copy)
+        self.mode, self.include_last_offset = mode, bool(include_last_offset)
+        self.padding_idx = padding_row(padding_idx, self.num_embeddings)
+
+    def forward(self, input, offsets=None, per_sample_weights=None):
+        ids, bag_offsets, weights = bag_inputs(input, offsets, per_sample_weights, self.include_last_offset, self.mode)
+        check_ids_in_range(ids, self.num_embeddings)
+        check_bag_offsets(bag_offsets, ids.numel())
+        masked = torch.where(self.keep, self.weight, 0.0)  # its backward masks the gradient
+        return torch.nn.functional.embedding_bag(ids, masked, bag_offsets, mode=self.mode, per_sample_weights=weights,
+                                                 include_last_offset=True, padding_idx=self.padding_idx)
+
+    def extra_repr(self):
+        return f"{super().extra_repr()}, mode={self.mode!r}, padding_idx={self.padding_idx}"
 
 
 class PrunedEmbedding(_FieldTable):

@@ -17,7 +17,7 @@ class RowOptimizer:
 
     kind = None  # the kernel's name for the rule
 
-    def __init__(self, lr, weight_decay, eps=0.0, betas=(0.0, 0.0)):
+    def __init__(self, lr: float, weight_decay: float, eps: float = 0.0, betas: tuple[float, float] = (0.0, 0.0)):
         for name, value in (("lr", lr), ("weight_decay", weight_decay), ("eps", eps)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
@@ -25,11 +25,11 @@ class RowOptimizer:
             raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
         self.lr, self.weight_decay, self.eps, self.betas = float(lr), float(weight_decay), float(eps), tuple(map(float, betas))
 
-    def hparams(self):
+    def hparams(self) -> list[float]:
         """[lr, eps, weight_decay, beta1, beta2], the kernels' order."""
         return [self.lr, self.eps, self.weight_decay, *self.betas]
 
-    def state_shapes(self, param):
+    def state_shapes(self, param: torch.Tensor) -> dict[str, torch.Size]:
         """Names and shapes of the per-parameter state (zeros at the start), in kernel order."""
         return {}
 
@@ -38,14 +38,46 @@ class RowOptimizer:
 
 
 class SGD(RowOptimizer):
+    """Plain SGD with coupled L2, fused into a table's backward: p -= lr * (g + weight_decay * p)
+    on the looked-up rows (duplicate ids summed first).
+
+    Args:
+        lr: the learning rate, >= 0.
+        weight_decay: coupled L2, >= 0.
+
+    Raises:
+        ValueError: a negative or non-finite number.
+
+    Example:
+        >>> emb = PEPEmbedding(1000, 16, optimizer=SGD(lr=0.1))
+        >>> emb(ids).sum().backward()  # the looked-up rows of W and s move; their .grad stays None
+    """
+
     kind = "sgd"
 
-    def __init__(self, lr, weight_decay=0.0):
+    def __init__(self, lr: float, weight_decay: float = 0.0):
         super().__init__(lr, weight_decay)
 
 
 class Adagrad(RowOptimizer):
-    def __init__(self, lr=1e-2, eps=1e-10, weight_decay=0.0, rowwise=False):
+    """Adagrad with coupled L2, fused into a table's backward, as torch.optim.Adagrad's rule:
+    sum += g^2; p -= lr * g / (sqrt(sum) + eps), on the looked-up rows.
+
+    Args:
+        lr: the learning rate, >= 0.
+        eps: added to the denominator, >= 0.
+        weight_decay: coupled L2, >= 0.
+        rowwise: one accumulator per row, the mean of g^2 over the row (FBGEMM's
+            EXACT_ROWWISE_ADAGRAD: a d-th of the state).
+
+    Raises:
+        ValueError: a negative or non-finite number.
+
+    Example:
+        >>> emb = PEPEmbedding(1000, 16, optimizer=Adagrad(lr=1e-2, rowwise=True))
+    """
+
+    def __init__(self, lr: float = 1e-2, eps: float = 1e-10, weight_decay: float = 0.0, rowwise: bool = False):
         super().__init__(lr, weight_decay, eps)
         self.rowwise = bool(rowwise)
         self.kind = "rowwise_adagrad" if self.rowwise else "adagrad"
@@ -58,9 +90,30 @@ class Adagrad(RowOptimizer):
 
 
 class Adam(RowOptimizer):
+    """Adam with coupled L2 (torch.optim.Adam's rule, not AdamW), fused into a table's backward.
+
+    Args:
+        lr, betas, eps, weight_decay: as torch.optim.Adam's.
+        mode: "faithful", the published PEP recipe exactly: every row takes every step, with a
+            zero loss gradient where it was not looked up (one pass over W, s and their moments
+            per step); or "fast": only looked-up rows are touched, and a row's skipped steps are
+            caught up when it is next read (the forward, `sync()`, `nnz()`, `state_dict()`):
+            exactly for gaps of up to 4 steps and before step 64, in closed form beyond
+            (docs/design/fused_optimizers.md).
+
+    Raises:
+        ValueError: an unknown mode, a negative or non-finite number, betas outside [0, 1).
+
+    Example:
+        >>> emb = PEPEmbedding(1000, 16, optimizer=Adam(lr=1e-3, weight_decay=1e-5, mode="faithful"))
+        >>> emb(ids).sum().backward()
+        >>> emb.sync(); emb.nnz()
+    """
+
     MODES = ("fast", "faithful")
 
-    def __init__(self, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, mode="fast"):
+    def __init__(self, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, mode: str = "fast"):
         super().__init__(lr, weight_decay, eps, betas)
         if mode not in self.MODES:
             raise ValueError(f"unknown Adam mode {mode!r}; expected one of {self.MODES}")

@@ -42,6 +42,13 @@ def component_bytes(num_rows, nnz, rows_kept, dim, values, encoding, offset_byte
     }
 
 
+def encoded_nbytes(num_rows, dim, nnz, rows_kept, values="fp32"):
+    """`nbytes` of the store that `from_dense(table, values)` (encoding auto) makes of a table of
+    `num_rows` x `dim` holding `nnz` entries in `rows_kept` rows, without making it."""
+    size = min(sum(component_bytes(num_rows, nnz, rows_kept, dim, values, e, 4).values()) for e in ENCODINGS)
+    return size + 4 * (num_rows + 1) if size - 4 * (num_rows + 1) > _INT32_MAX else size  # int64 offsets
+
+
 def checksum(meta, offsets, payload):
     """sha256 of the metadata (less the checksum itself) and the bytes of both tensors."""
     digest = hashlib.sha256(json.dumps({k: v for k, v in meta.items() if k != "checksum"}, sort_keys=True).encode())

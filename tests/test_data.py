@@ -1,5 +1,6 @@
 """The CTR data loaders on tiny files written per test (no data file is ever committed)."""
 
+import dataclasses
 import json
 import os
 
@@ -9,6 +10,7 @@ import torch
 from pep_kernels.data import (
     AVAZU_FIELD_NAMES,
     CRITEO_FIELD_NAMES,
+    BagField,
     CTRData,
     criteo_integer_token,
     load_avazu,
@@ -298,3 +300,91 @@ def test_ctr_data_rejects_ids_outside_field_dims():
         CTRData(data.x, data.y, [5, 3], data.field_names)
     with pytest.raises(ValueError, match="x must be a 2-D int64 tensor"):
         CTRData(data.x.int(), data.y, data.field_dims, data.field_names)
+
+
+def bag_of(i):
+    """Example i's bag in the tests below: its length and ids follow from i (empty when i % 4 == 0)."""
+    return [(i * 7 + k) % 5 for k in range(i % 4)]
+
+
+def data_with_bags_and_dense(n):
+    """Example i has id i in its one field, bag_of(i) and dense features (i, -i / 2)."""
+    bags = [bag_of(i) for i in range(n)]
+    offsets = torch.tensor([0] + [len(b) for b in bags]).cumsum(0)
+    genres = BagField("genres", 5, torch.tensor([v for b in bags for v in b], dtype=torch.int64), offsets)
+    dense = torch.tensor([[i, -i / 2] for i in range(n)], dtype=torch.float32)
+    return CTRData(torch.arange(n).unsqueeze(1), (torch.arange(n) % 3 == 0).float(), [n], ["example"],
+                   bags=[genres], dense=dense, dense_names=["count", "half"])
+
+
+def test_loaders_default_to_no_bags_and_no_dense():
+    data = synthetic_data(10)
+    assert data.bags == [] and data.dense is None and data.dense_names == []
+    assert all(part.bags == [] and part.dense is None for part in split(data))
+
+
+def test_split_keeps_each_examples_bag_and_dense_row():
+    data = data_with_bags_and_dense(101)
+    parts = split(data, seed=5)
+    assert sum(len(part) for part in parts) == 101
+    for part in parts:
+        (bag,) = part.bags
+        assert bag.name == "genres" and bag.num_values == 5 and len(bag) == len(part)
+        assert part.dense_names == ["count", "half"]
+        for row, i in enumerate(part.x[:, 0].tolist()):
+            assert bag.values[bag.offsets[row]:bag.offsets[row + 1]].tolist() == bag_of(i)
+            assert part.dense[row].tolist() == [i, -i / 2]
+        assert int(bag.offsets[-1]) == len(bag.values) == sum(len(bag_of(i)) for i in part.x[:, 0].tolist())
+
+
+def test_bag_take_repeats_empty_bags_and_no_rows():
+    bag = data_with_bags_and_dense(9).bags[0]
+    picked = bag.take(torch.tensor([3, 4, 3, 8, 0]))  # 4, 8 and 0 have empty bags; 3 twice
+    assert picked.offsets.tolist() == [0, 3, 3, 6, 6, 6]
+    assert picked.values.tolist() == bag_of(3) * 2
+    none = bag.take(torch.tensor([], dtype=torch.int64))
+    assert none.offsets.tolist() == [0] and none.values.tolist() == [] and len(none) == 0
+
+
+def test_bag_field_rejects_bad_offsets_and_ids():
+    values, offsets = torch.tensor([0, 1, 2]), torch.tensor([0, 2, 3])
+    with pytest.raises(ValueError, match=r"bag 'b': offsets must start at 0 and end at len\(values\) = 3"):
+        BagField("b", 3, values, torch.tensor([1, 2, 3]))
+    with pytest.raises(ValueError, match=r"end at len\(values\) = 3, got \[0\] \.\.\. \[2\]"):
+        BagField("b", 3, values, torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match=r"offsets must start at 0"):
+        BagField("b", 3, values, torch.tensor([], dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"non-decreasing, got offsets\[1\] = 2 > offsets\[2\] = 1"):
+        BagField("b", 3, values, torch.tensor([0, 2, 1, 3]))
+    with pytest.raises(ValueError, match=r"bag 'b' has ids in \[0, 2\], expected 0 \.\. 1"):
+        BagField("b", 2, values, offsets)
+    with pytest.raises(ValueError, match=r"bag 'b' has ids in \[-1, 1\]"):
+        BagField("b", 3, torch.tensor([0, -1, 1]), offsets)
+    with pytest.raises(ValueError, match="values must be a 1-D int64 tensor, got torch.int32"):
+        BagField("b", 3, values.int(), offsets)
+    with pytest.raises(ValueError, match="offsets must be a 1-D int64 tensor"):
+        BagField("b", 3, values, offsets.unsqueeze(0))
+    with pytest.raises(ValueError, match="num_values must be an int >= 1, got 0"):
+        BagField("b", 0, values[:0], torch.tensor([0]))
+
+
+def test_ctr_data_rejects_bags_and_dense_that_do_not_fit():
+    data = data_with_bags_and_dense(6)
+    bag, dense = data.bags[0], data.dense
+    short_bag = bag.take(torch.arange(5))
+    with pytest.raises(ValueError, match=r"bag 'genres' has 5 bags .*, expected one per example: 6"):
+        dataclasses.replace(data, bags=[short_bag])
+    with pytest.raises(ValueError, match="bags must hold BagField objects, got tuple"):
+        dataclasses.replace(data, bags=[(bag.values, bag.offsets)])
+    with pytest.raises(ValueError, match=r"dense has shape \(5, 2\), expected \(6, 2\)"):
+        dataclasses.replace(data, dense=dense[:5])
+    with pytest.raises(ValueError, match=r"dense has shape \(6, 2\), expected \(6, 1\)"):
+        dataclasses.replace(data, dense_names=["count"])
+    with pytest.raises(ValueError, match="dense must be a 2-D float32 tensor, got torch.float64"):
+        dataclasses.replace(data, dense=dense.double())
+    with pytest.raises(ValueError, match=r"dense_names \['count', 'half'\] given without dense features"):
+        dataclasses.replace(data, dense=None)
+    with pytest.raises(ValueError, match="dense feature 'half' is nan in example 4, expected a finite number"):
+        dataclasses.replace(data, dense=dense.index_put((torch.tensor(4), torch.tensor(1)), torch.tensor(float("nan"))))
+    with pytest.raises(ValueError, match=r"distinct across fields, bags and dense features; repeated: \['genres'\]"):
+        dataclasses.replace(data, dense_names=["count", "genres"])

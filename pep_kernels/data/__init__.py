@@ -2,12 +2,13 @@
 
 from .avazu import AVAZU_FIELD_NAMES, load_avazu
 from .criteo import CRITEO_FIELD_NAMES, criteo_integer_token, load_criteo, log_squared_bucket
-from .ctr import CTRData, split, synthetic_ctr_data
+from .ctr import BagField, CTRData, split, synthetic_ctr_data
 from .movielens import load_movielens_1m, load_movielens_100k, movielens_100k_dir
 from .synthetic import SyntheticCTR, make_synthetic_ctr
 
 __all__ = [
     "AVAZU_FIELD_NAMES",
+    "BagField",
     "CRITEO_FIELD_NAMES",
     "CTRData",
     "SyntheticCTR",

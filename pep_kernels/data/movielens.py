@@ -3,6 +3,7 @@ fields ``user_id``, ``item_id`` (only with ``include_ids``), then the 7 side fie
 reference loader. The fields' encodings: docs/design/data_loaders.md.
 """
 
+import dataclasses
 import importlib.util
 import math
 import re
@@ -12,7 +13,7 @@ import numpy as np
 import torch
 
 from .criteo import log_squared_bucket
-from .ctr import CTRData
+from .ctr import BagField, CTRData
 
 ID_FIELD_NAMES = ("user_id", "item_id")
 SIDE_FIELD_NAMES = ("timestamp_bucket", "gender", "age", "occupation", "zip_code", "year", "genres")
@@ -47,12 +48,18 @@ def movielens_100k_dir() -> Path:
     return directory
 
 
-def load_movielens_100k(include_ids=True) -> CTRData:
+def load_movielens_100k(include_ids=True, genres_as_bag=False, dense=False) -> CTRData:
     """ML-100K from RecBole's tab-separated copy: 72,855 labelled ratings, about 76% positive.
 
     9 fields with ``include_ids`` (the default), else the 7 side fields. RecBole's ``release_year``
     is not always a year (``V`` for a title ending in "(1995) (V)", ``unkonwn`` for the unknown
     movie), so a non-year falls back to the last "(YYYY)" in the title, then to the empty token.
+
+    For models with multi-hot and numeric inputs (a DLRM): ``genres_as_bag`` replaces the
+    ``genres`` field by a bag of the movie's single genres (19 values, in sorted order of their
+    names); ``dense`` replaces the ``age`` and ``year`` fields by the user's raw age and the
+    release year as numeric features, each standardised over the labelled rows (a movie without a
+    year takes the mean year).
     """
     directory = movielens_100k_dir()
     ratings_path, users_path, items_path = (directory / name for name in ML100K_FILES)
@@ -67,7 +74,48 @@ def load_movielens_100k(include_ids=True) -> CTRData:
         for line, (item, title, year, genres)
         in _read_recbole(items_path, ("item_id", "movie_title", "release_year", "class"))
     ))
-    return _movielens_ctr_data(ratings, users, items, include_ids, ratings_path, users_path, items_path)
+    data = _movielens_ctr_data(ratings, users, items, include_ids, ratings_path, users_path, items_path)
+    if not (genres_as_bag or dense):
+        return data
+    labelled = [(user, item) for _, user, item, rating, _ in ratings if rating != 3]  # the rows of `data`
+    if genres_as_bag:
+        data = _genres_as_bag(data, [items[item][1] for _, item in labelled])
+    if dense:
+        ages = {user: _number(age, "age", users_path, line)
+                for line, (user, age) in _read_recbole(users_path, ("user_id", "age"))}
+        years = [items[item][0] for _, item in labelled]
+        data = _numeric_as_dense(data, {"age": [ages[user] for user, _ in labelled],
+                                        "year": [float(year) if year else math.nan for year in years]})
+    return data
+
+
+def _without_fields(data, names):
+    keep = [f for f, name in enumerate(data.field_names) if name not in names]
+    return dict(x=data.x[:, keep], field_dims=[data.field_dims[f] for f in keep],
+                field_names=[data.field_names[f] for f in keep])
+
+
+def _genres_as_bag(data, genre_tokens):
+    """`data` with its `genres` field replaced by a bag of single genres (`_genre_token` split)."""
+    genre_sets = [token.split("|") if token else [] for token in genre_tokens]
+    vocabulary = sorted({genre for genres in genre_sets for genre in genres})
+    ids = {genre: i for i, genre in enumerate(vocabulary)}
+    lengths = torch.tensor([len(genres) for genres in genre_sets], dtype=torch.int64)
+    values = torch.tensor([ids[genre] for genres in genre_sets for genre in genres], dtype=torch.int64)
+    bag = BagField("genres", len(vocabulary), values, torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]))
+    return dataclasses.replace(data, **_without_fields(data, {"genres"}), bags=[*data.bags, bag])
+
+
+def _numeric_as_dense(data, columns):
+    """`data` with the fields named in `columns` replaced by those numeric values ({name: one
+    value per row, NaN where unknown}), standardised; NaN becomes the mean (0)."""
+    dense = torch.tensor(list(columns.values()), dtype=torch.float64).T
+    known = ~torch.isnan(dense)
+    mean = torch.where(known, dense, 0).sum(0) / known.sum(0)
+    centred = torch.where(known, dense - mean, 0)
+    std = (centred.square().sum(0) / known.sum(0)).sqrt().clamp_min(1e-12)
+    return dataclasses.replace(data, **_without_fields(data, set(columns)), dense=(centred / std).float(),
+                               dense_names=[*data.dense_names, *columns])
 
 
 def load_movielens_1m(directory, include_ids=False) -> CTRData:

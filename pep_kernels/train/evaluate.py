@@ -5,6 +5,8 @@ import numpy as np
 import torch
 from sklearn.metrics import log_loss, roc_auc_score
 
+from .batches import run_model, to_device
+
 
 @torch.no_grad()
 def predict(model, x, batch_size=8192, device="cpu"):
@@ -25,6 +27,22 @@ def _metrics(y, p):
 def evaluate(model, x, y, batch_size=8192, device="cpu"):
     """Global AUC and log-loss over all of (x, y)."""
     return _metrics(y.numpy(), predict(model, x, batch_size, device))
+
+
+@torch.no_grad()
+def evaluate_batches(model, batches, device="cpu"):
+    """Global AUC and log-loss over every batch of `batches`, an iterable of `(inputs, labels)`
+    (`pep_kernels.train.batches`), in eval mode; the model's mode is restored."""
+    was_training = model.training
+    model.eval()
+    scores, labels = [], []
+    for inputs, y in batches:
+        scores.append(torch.sigmoid(run_model(model, to_device(inputs, device))).float().cpu().reshape(-1))
+        labels.append(y.float().cpu().reshape(-1))
+    model.train(was_training)
+    if not labels:
+        raise ValueError("no batches to evaluate")
+    return _metrics(torch.cat(labels).numpy(), torch.cat(scores).numpy())
 
 
 def evaluate_per_batch(model, x, y, batch_size=1024, device="cpu"):

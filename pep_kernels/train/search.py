@@ -15,7 +15,8 @@ from ..ops.indices import offset_field_ids
 from ..optim import Adam
 from . import checkpoint
 from .controller import LOG_GK_RANGE, BudgetController, cubic_planned_steps
-from .loop import epoch_order, make_optimizer, train_steps
+from .batches import TensorBatches
+from .loop import epoch_batches, make_optimizer, train_steps
 from .spec import RunSpec
 
 TRAINING_MODES = Adam.MODES
@@ -201,10 +202,10 @@ def search(spec, x, y, out_dir, budgets, *, epochs=10, lr=1e-3, weight_decay=1e-
         return not state["remaining"]
 
     done = not state["remaining"]
+    batches = TensorBatches(x, y, batch_size, seed)
     while not done and state["epoch"] < epochs:
-        batches = list(epoch_order(len(y), seed, state["epoch"]).split(batch_size))[state["batch"]:]
-        done = train_steps(model, optimizer, x, y, batches, device, clip_norm, after_step,
-                           desc=f"search epoch {state['epoch'] + 1}/{epochs}")
+        done = train_steps(model, optimizer, epoch_batches(batches, state["epoch"], state["batch"]), device,
+                           clip_norm, after_step, desc=f"search epoch {state['epoch'] + 1}/{epochs}")
         if not done:
             state["epoch"] += 1
             state["batch"] = 0
