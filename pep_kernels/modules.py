@@ -13,6 +13,7 @@ from .ops.indices import DeferredIdErrors, offset_field_ids
 from .ops.optim import FusedStepFunction
 from .ops.soft_threshold import MaskedEmbeddingFunction, expand_threshold, kernels
 from .optim import Adam, RowOptimizer
+from .store import SparseRowStore
 
 
 def register_field_dims(module, field_dims, num_rows, device):
@@ -48,7 +49,7 @@ class _FieldTable(nn.Module):
             end = min(start + step, self.num_embeddings)
             yield start, end, self.pruned_rows(start, end)
 
-    def pruned_weight(self):
+    def pruned_weight(self) -> torch.Tensor:
         """The whole pruned table, (N, d) (no autograd), built block by block: its only
         temporaries are a block's."""
         table = None
@@ -58,46 +59,65 @@ class _FieldTable(nn.Module):
             table[start:end] = rows
         return table
 
-    def mask(self):
+    def mask(self) -> torch.Tensor:
         """Boolean (N, d): the entries of the pruned table that are non-zero."""
         return self.pruned_weight() != 0
 
-    def nnz(self):
+    def nnz(self) -> int:
         """Number of non-zero entries of the pruned table."""
         return int(torch.count_nonzero(self.pruned_weight()))
 
-    def sparsity(self):
+    def sparsity(self) -> float:
         """Fraction of the table that is pruned, in [0, 1]."""
         return 1.0 - self.nnz() / (self.num_embeddings * self.embedding_dim)
 
-    def dims_per_row(self):
+    def dims_per_row(self) -> torch.Tensor:
         """The learned embedding size of each feature: non-zero dims per row, int64 (N,)."""
         return (self.pruned_weight() != 0).sum(1)
 
 
 class PEPEmbedding(_FieldTable):
-    """A drop-in for `nn.Embedding` whose table is soft-thresholded by learnable thresholds (PEP).
+    """A drop-in for `nn.Embedding` whose table W is soft-thresholded by learnable thresholds s
+    (PEP): each feature keeps only the dimensions it needs.
 
-    With `field_dims` the input holds per-field local ids of shape `(..., F)` and each field's
-    rows follow the previous field's, as in torchfm's FeaturesEmbedding; `num_embeddings` must
-    equal `sum(field_dims)`, and the field modes need it. The table is Xavier-uniform over
-    `(N, d)` and every threshold starts at `threshold_init`, as in the reference code;
-    `threshold_slope` adds `threshold_slope * j` to the thresholds of dimension j (modes with a
-    threshold per dimension), so that every row prunes its high dimensions first and the kept ones
-    line up across rows (what a factorization machine's dot products need).
+    Args:
+        num_embeddings: N, the table's rows.
+        embedding_dim: d.
+        threshold_mode: which threshold an entry uses: global, dimension, feature, feature_dim
+            (the published default), field or field_dim (these need `field_dims`).
+        threshold_init: the start of every threshold (the published -15 for MovieLens, -150 for
+            Criteo/Avazu: sigmoid(-150) is 0 in fp32, nothing pruned until s rises).
+        threshold_slope: adds `slope * j` to the thresholds of dimension j (per-dimension modes),
+            so that rows prune their high dimensions first and the kept ones line up.
+        gk: the thresholds' scale, t = gk * sigmoid(s) (the budget controller steers it).
+        field_dims: per-field sizes summing to N: inputs are then per-field local ids (..., F),
+            each field's rows after the previous field's (torchfm's FeaturesEmbedding).
+        sparse: row-sparse gradients of W and per-row thresholds (see `soft_threshold_embedding`).
+        backend: "auto", "triton", "cpu" or "reference" (see `soft_threshold_embedding`).
+        optimizer: a `pep_kernels.optim` rule (SGD, Adagrad, Adam): the table trains itself in
+            the backward (looked-up rows of W and per-row s updated in place, their .grad stays
+            None; state in buffers, the step counter `optimizer_step` on the device).
+        bounds_check: "strict" or "deferred" (None: strict on CPU, deferred on GPU); a deferred
+            id error is raised at the next call, or by `sync()`, `nnz()` or `state_dict()`.
+        device, dtype: of W and s. W is Xavier-uniform over (N, d), as in the reference code.
 
-    With `optimizer` (a `pep_kernels.optim` rule) the table trains itself: the backward updates
-    the looked-up rows of W and of per-row thresholds in place, and their `.grad` stays None
-    (see `pep_kernels.optim`). The optimizer state is kept in buffers, so `state_dict` holds it;
-    the step counter `optimizer_step` lives on the table's device (no host sync per step, CUDA
-    graphs replay it); `sparse` does not apply then. `bounds_check` is `soft_threshold_embedding`'s:
-    a deferred id error is raised at the next call, or by `sync()`, `nnz()` or `state_dict()`.
+    Raises:
+        ValueError: a bad size, mode, gk, field_dims that do not sum to N, a field mode without
+            field_dims, an optimizer with the reference backend.
+        IndexError: (forward) an id out of range, naming it and the valid range.
+
+    Example:
+        >>> emb = PEPEmbedding(3880, 16, field_dims=[2000, 1000, 500, 200, 100, 50, 20, 10],
+        ...                    optimizer=Adam(lr=1e-3, weight_decay=1e-5, mode="fast"))
+        >>> emb(torch.randint(0, 10, (1024, 8))).sum().backward()  # W and s step here
+        >>> emb.nnz(), emb.sparsity(), emb.dims_per_row().shape
     """
 
     def __init__(
-        self, num_embeddings, embedding_dim, *, threshold_mode="feature_dim", threshold_init=-15.0, threshold_slope=0.0,
-        gk=1.0, field_dims=None, sparse=False, backend="auto", optimizer=None, bounds_check=None, device=None,
-        dtype=None,
+        self, num_embeddings: int, embedding_dim: int, *, threshold_mode: str = "feature_dim",
+        threshold_init: float = -15.0, threshold_slope: float = 0.0, gk: float = 1.0,
+        field_dims: list[int] | None = None, sparse: bool = False, backend: str = "auto",
+        optimizer: RowOptimizer | None = None, bounds_check: str | None = None, device=None, dtype=None,
     ):
         super().__init__()
         for name, value in (("num_embeddings", num_embeddings), ("embedding_dim", embedding_dim)):
@@ -181,7 +201,7 @@ class PEPEmbedding(_FieldTable):
                                                        self.weight.device)
         return self._schedule
 
-    def sync(self):
+    def sync(self) -> None:
         """Brings every row up to date (a no-op unless the optimizer is `fast` Adam) and raises a
         deferred id error if the kernels recorded one (waits for the device)."""
         self.id_errors.wait()
@@ -221,7 +241,8 @@ class PEPEmbedding(_FieldTable):
         capturing = self.weight.is_cuda and torch.cuda.is_current_stream_capturing()
         self._steps = None if capturing or self._steps is None else self._steps + 1
 
-    def forward(self, indices):
+    def forward(self, indices: torch.Tensor) -> torch.Tensor:
+        """The soft-thresholded rows of `indices`: `indices.shape + (d,)`."""
         if self.optimizer is None:
             return soft_threshold_embedding(
                 indices, self.weight, self.threshold, mode=self.threshold_mode, gk=self.gk, sparse=self.sparse,
@@ -257,7 +278,7 @@ class PEPEmbedding(_FieldTable):
                                      self.field_offsets)
         return soft_threshold_rows(self.weight.detach()[start:end], threshold, self.gk)
 
-    def nnz(self):
+    def nnz(self) -> int:
         """Number of non-zero entries of the pruned table (by the kernels: no table copy)."""
         if self.weight.dtype not in (torch.float32, torch.float64) or (self.weight.is_cuda and
                                                                          self.weight.dtype == torch.float64):
@@ -373,17 +394,31 @@ _SAME_SIZE_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 class MaskedEmbedding(_FieldTable):
-    """The retrain stage of PEP (lottery ticket): a fixed mask, no threshold.
+    """The retrain stage of PEP (lottery ticket, PEP_SPEC section 5): a table under a fixed mask,
+    no threshold. Pruned entries stay exactly zero: their outputs are masked, so their loss
+    gradient is zero, and Adam with coupled L2 leaves a zero entry with zero gradient where it is.
 
-    Pruned entries stay exactly zero: their outputs are masked, so their loss gradient is zero,
-    and Adam with coupled L2 leaves a zero entry with zero gradient where it is. Built from the
-    initial weights and a search snapshot's mask (`mask = snapshot != 0`), with the same
-    `field_dims` contract as `PEPEmbedding`. The weight is `weight` where `mask` is True, else 0:
-    a copy, or with `copy=False` `weight` itself, its pruned entries zeroed in place (loading a
-    big model without a second copy of its table).
+    Args:
+        weight: the table to start from, (N, d): the search's initial weights (the winning ticket).
+        mask: bool (N, d), the entries to keep: a search snapshot's `!= 0`.
+        field_dims: per-field sizes, the id contract of `PEPEmbedding`.
+        copy: the weight is a copy of `weight` with the pruned entries zeroed; with False it is
+            `weight` itself, zeroed in place (loading a big model without a second copy).
+        backend: "auto" (C++ on CPU, Triton on GPU), "triton" or "cpu".
+        bounds_check: as `PEPEmbedding`'s.
+
+    Raises:
+        ValueError: a weight that is not 2-D or a mask of another shape, an unknown backend.
+        IndexError: (forward) an id out of range.
+
+    Example:
+        >>> masked = MaskedEmbedding(initial_weight, snapshot != 0, field_dims=field_dims)
+        >>> model.embedding = masked  # then train the model as usual (torch.optim.Adam)
+        >>> masked.nnz()
     """
 
-    def __init__(self, weight, mask, *, field_dims=None, copy=True, backend="auto", bounds_check=None):
+    def __init__(self, weight: torch.Tensor, mask: torch.Tensor, *, field_dims: list[int] | None = None,
+                 copy: bool = True, backend: str = "auto", bounds_check: str | None = None):
         super().__init__()
         if weight.dim() != 2 or tuple(mask.shape) != tuple(weight.shape):
             raise ValueError(f"weight must be 2-D and mask of its shape, got {tuple(weight.shape)} and {tuple(mask.shape)}")
@@ -459,17 +494,26 @@ class MaskedEmbeddingBag(MaskedEmbedding):
 
 class PrunedEmbedding(_FieldTable):
     """Serving: a pruned table read from a `SparseRowStore`, with the id contract of
-    `PEPEmbedding` and `MaskedEmbedding` (global ids, or with `field_dims` per-field local ids
-    `(..., F)`), so that a trained CTR model swaps its embedding for it and predicts the same
-    scores (bitwise for an fp32 store):
+    `PEPEmbedding` and `MaskedEmbedding`, so that a trained CTR model swaps its embedding for it
+    and predicts the same scores (bitwise for an fp32 store). It has no parameters: it serves, it
+    does not train. The store is a submodule, so `.to(device)` moves it; the model's state_dict
+    leaves it out (the store has its own file).
 
-        model.embedding = PrunedEmbedding(SparseRowStore.from_module(model.embedding), field_dims=field_dims)
+    Args:
+        store: the `SparseRowStore` of the pruned table.
+        field_dims: per-field sizes (inputs are then per-field local ids (..., F)), or None.
 
-    It has no parameters: it serves, it does not train. The store is a submodule, so
-    `.to(device)` moves it; the model's state_dict leaves it out (the store has its own file).
+    Raises:
+        ValueError: field_dims that do not sum to the store's rows.
+        IndexError: (forward) an id out of range.
+
+    Example:
+        >>> store = SparseRowStore.from_module(model.embedding)
+        >>> model.embedding = PrunedEmbedding(store, field_dims=field_dims)
+        >>> scores = model(x)  # the retrained model's scores
     """
 
-    def __init__(self, store, *, field_dims=None):
+    def __init__(self, store: SparseRowStore, *, field_dims: list[int] | None = None):
         super().__init__()
         register_field_dims(self, field_dims, store.num_embeddings, store.payload.device)
         self.num_embeddings, self.embedding_dim = store.num_embeddings, store.embedding_dim

@@ -63,16 +63,34 @@ def _check_choice(name, value, choices):
 
 
 class SparseRowStore(nn.Module):
-    """A pruned (N, d) table holding only its non-zero entries; `store(ids)` is `store.lookup(ids)`.
+    """A pruned (N, d) table holding only its non-zero entries, for serving: per row its column
+    ids or a bitmask, then its values (docs/design/store_format.md). `store(ids)` is
+    `store.lookup(ids)`; C++ on CPU, a CUDA kernel on GPU builds; any number of threads may share
+    one. The tensors are non-persistent buffers: `.to(device)` moves them, a model's state_dict
+    leaves them out; the store's own file (`save`, `load`) is how it travels.
 
-    Build one with `from_dense`, `from_module` or `load`. The constructor takes the encoded
-    tensors themselves and validates every row (ValueError if any is malformed). The tensors are
-    non-persistent buffers: `.to(device)` moves them, but a model's state_dict leaves them out;
-    the store's own file (`save`) is how it travels. Lookups only read the store, so any number
-    of threads may share one.
+    Args:
+        offsets: (N + 1,) int32 or int64 byte offsets of the rows in `payload`.
+        payload: 1-D uint8, the encoded rows.
+        embedding_dim: d.
+        values: "fp32" (exact), "fp16", "bf16" or "int8" (with a per-row scale).
+        encoding: "columns" or "bitmask".
+        max_error: the largest absolute difference from the table it was made from.
+
+    Build one with `from_dense`, `from_module` or `load` rather than by hand.
+
+    Raises:
+        ValueError: a malformed row, an unknown `values` or `encoding` (every row is checked).
+        IndexError: (lookup) an id out of range.
+
+    Example:
+        >>> store = SparseRowStore.from_module(model.embedding, values="fp16")
+        >>> store.save("table.store"); store = SparseRowStore.load("table.store")
+        >>> rows = store.lookup(torch.tensor([3, 17])); store.nbytes, store.stats()["ratio_to_dense"]
     """
 
-    def __init__(self, offsets, payload, *, embedding_dim, values="fp32", encoding="columns", max_error=0.0):
+    def __init__(self, offsets: torch.Tensor, payload: torch.Tensor, *, embedding_dim: int, values: str = "fp32",
+                 encoding: str = "columns", max_error: float = 0.0):
         super().__init__()
         _check_choice("values", values, tuple(VALUE_BYTES))
         _check_choice("encoding", encoding, ENCODINGS)
@@ -89,7 +107,7 @@ class SparseRowStore(nn.Module):
         self.max_error = float(max_error)
 
     @classmethod
-    def from_dense(cls, weight, values="fp32", encoding="auto"):
+    def from_dense(cls, weight: torch.Tensor, values: str = "fp32", encoding: str = "auto") -> "SparseRowStore":
         """The store of a pruned dense table (N, d): its entries != 0, as `values` (fp32, fp16,
         bf16 or int8), in `encoding` (columns, bitmask, or auto: the smaller). `max_error` is the
         largest absolute difference between the store's rows and `weight` (0 for an fp32 store
@@ -109,7 +127,7 @@ class SparseRowStore(nn.Module):
         return cls._from_row_blocks(source.shape[0], source.shape[1], blocks, values, encoding)
 
     @classmethod
-    def from_module(cls, module, values="fp32", encoding="auto"):
+    def from_module(cls, module: nn.Module, values: str = "fp32", encoding: str = "auto") -> "SparseRowStore":
         """The store of a table module's pruned table (`PEPEmbedding`, `MaskedEmbedding`: anything
         with `pruned_row_blocks()`), built block by block: no dense pruned copy of the table."""
         return cls._from_row_blocks(module.num_embeddings, module.embedding_dim, module.pruned_row_blocks, values,
@@ -192,7 +210,7 @@ class SparseRowStore(nn.Module):
             return indices.reshape(-1)  # the C++ op checks the ids itself
         return checked_ids(indices, self.num_embeddings)  # a CUDA kernel cannot raise
 
-    def lookup(self, indices):
+    def lookup(self, indices: torch.Tensor) -> torch.Tensor:
         """Rows `indices` (int32/int64, any shape) as float32 `indices.shape + (d,)`, zeros where
         pruned; IndexError for an id outside [0, N)."""
         out = _ops.store_lookup(self.offsets, self.payload, self._ids(indices), self.embedding_dim, self.encoding,
@@ -249,7 +267,7 @@ class SparseRowStore(nn.Module):
         meta["checksum"] = checksum(meta, self.offsets, self.payload)
         return meta
 
-    def save(self, path):
+    def save(self, path: str | Path) -> None:
         """Writes the store to `path` (safetensors) atomically: a failed save leaves any old file as it was."""
         # Imported here: pep_kernels.train brings scikit-learn and the training loop, which
         # serving does not otherwise need.
@@ -258,7 +276,7 @@ class SparseRowStore(nn.Module):
         atomic_save(path, {"offsets": self.offsets, "payload": self.payload}, self.metadata())
 
     @classmethod
-    def load(cls, path, device="cpu", mmap=True):
+    def load(cls, path: str | Path, device="cpu", mmap: bool = True) -> "SparseRowStore":
         """A store written by `save`, checked (metadata, tensor shapes, checksum, every row)
         before use; ValueError for anything else. With `mmap` the tensors map the file (which
         must then not be modified in place while the store lives; `save` replaces files, it does

@@ -24,8 +24,23 @@ def _metrics(y, p):
     return {"auc": float(roc_auc_score(y, p)), "logloss": float(log_loss(y, p, labels=[0, 1]))}
 
 
-def evaluate(model, x, y, batch_size=8192, device="cpu"):
-    """Global AUC and log-loss over all of (x, y)."""
+def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 8192, device="cpu") -> dict:
+    """One global AUC and log-loss over the whole split (PEP_SPEC section 6's default).
+
+    Args:
+        model: a CTR model returning logits (B,); run in eval mode, its mode restored after.
+        x, y: the split's inputs and 0/1 labels.
+        batch_size, device: how the scores are computed.
+
+    Returns:
+        {"auc": ..., "logloss": ...}.
+
+    Raises:
+        ValueError: labels of one class only (AUC is undefined).
+
+    Example:
+        >>> evaluate(model, x_test, y_test)["auc"]
+    """
     return _metrics(y.numpy(), predict(model, x, batch_size, device))
 
 

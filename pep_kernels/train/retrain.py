@@ -68,12 +68,35 @@ def masked_model(spec, weight, mask, state):
     return model
 
 
-def retrain(run_dir, snapshot, train, val, test, *, rewind=True, epochs=10, patience=2, seed=0, device="cpu",
-            save_path=None, checkpoint_dir=None, checkpoint_every=1000, log=print, **optim):
-    """Retrains a snapshot; `train`, `val`, `test` are (x, y) pairs; `optim` as `fit`'s
-    (lr, weight_decay, batch_size, clip_norm), the search's by default. Returns the metrics and,
-    with `save_path`, writes the retrained model there (read it back with `load_retrained`).
-    With `checkpoint_dir`, checkpoints there and resumes from an existing checkpoint."""
+def retrain(run_dir: str | Path, snapshot: str | Path, train: tuple, val: tuple, test: tuple, *, rewind: bool = True,
+            epochs: int = 10, patience: int = 2, seed: int = 0, device="cpu", save_path: str | Path | None = None,
+            checkpoint_dir: str | Path | None = None, checkpoint_every: int = 1000, log=print, **optim) -> dict:
+    """Retrains a search snapshot as a lottery ticket (PEP_SPEC section 5): the snapshot's mask
+    over the search's step-0 weights, every other parameter at its step-0 value, trained with
+    early stopping on validation AUC; the test split is scored once, at the best epoch.
+
+    Args:
+        run_dir: the search's run folder.
+        snapshot: a snapshot file in it (`snapshot-step*.safetensors`).
+        train, val, test: (x, y) pairs.
+        rewind: the winning ticket (step-0 weights); False re-initialises at random (the control).
+        epochs, patience, seed, device: the training; `optim` as `fit`'s (lr, weight_decay,
+            batch_size, clip_norm).
+        save_path: write the retrained model there (read it back with `load_retrained`).
+        checkpoint_dir: checkpoint there and resume from an existing checkpoint.
+        log: where progress lines go.
+
+    Returns:
+        The snapshot's non-zeros and sparsity, the best epoch's validation metrics and the test
+        AUC and log-loss.
+
+    Raises:
+        ValueError: a run folder or snapshot that is not one, or a checkpoint of another retrain.
+
+    Example:
+        >>> result = retrain("runs/fm", "snapshot-step0001064.safetensors", train, val, test, lr=1e-2)
+        >>> result["test_auc"], result["nnz"]
+    """
     model, meta = load_ticket(run_dir, snapshot, rewind=rewind, seed=seed)
     checkpoint_path = None
     if checkpoint_dir is not None:

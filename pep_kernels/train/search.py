@@ -87,18 +87,46 @@ def _planned_vs_reached(counts, state):
              "nnz": reached[count]["nnz"] if count in reached else None} for count, plan in zip(counts, planned)]
 
 
-def search(spec, x, y, out_dir, budgets, *, epochs=10, lr=1e-3, weight_decay=1e-5, batch_size=1024,
-           clip_norm=100.0, seed=0, device="cpu", backend="auto", training="faithful", count_every=1,
-           checkpoint_every=1000, pruning="budget", steps=None, planned_steps=None, min_occurrences=0, log=print):
-    """Runs (or resumes) a budgeted PEP search on (x, y); returns the summary also written to search.json.
+def search(spec: RunSpec, x: torch.Tensor, y: torch.Tensor, out_dir: str | Path, budgets: list, *, epochs: int = 10,
+           lr: float = 1e-3, weight_decay: float = 1e-5, batch_size: int = 1024, clip_norm: float = 100.0,
+           seed: int = 0, device="cpu", backend: str = "auto", training: str = "faithful", count_every: int = 1,
+           checkpoint_every: int = 1000, pruning: str = "budget", steps: int | None = None,
+           planned_steps: list[int] | None = None, min_occurrences: int = 0, log=print) -> dict:
+    """Runs (or resumes) a budgeted PEP search (PEP_SPEC section 4): trains the spec's model with a
+    PEP table and snapshots the pruned table when its non-zero count first reaches each budget.
 
-    `pruning="budget"` steers the thresholds' scale gk so that the count passes each budget at its
-    planned step (`controller`): `planned_steps` (one per budget, largest budget first), or by
-    default the crossings of a cubic plan ending at the step budget `steps` (default: every step
-    of `epochs`). `pruning="faithful"` is the published recipe: gk stays at the spec's value and
-    pruning comes from the thresholds' own drift. Either way the search stops at the last budget.
-    `min_occurrences` K > 0 zeroes, before the first step, the rows of the features seen fewer than
-    K times in `x` (they stay zero)."""
+    Args:
+        spec: the model, its fields and the table's settings (`RunSpec`).
+        x, y: the training split, per-field ids (n, F) and 0/1 labels (n,).
+        out_dir: the run folder: `initial.safetensors` (step-0 state, the lottery ticket), one
+            snapshot per budget, `checkpoint.safetensors`, `search.json`. An existing run resumes.
+        budgets: sparsities in (0, 1), non-zero counts, or store bytes ("24000B").
+        epochs, lr, weight_decay, batch_size, clip_norm, seed: the training (Adam, coupled L2).
+        device, backend: where and on which kernels the table runs.
+        training: the table's fused Adam, "faithful" (every row every step, the published
+            recipe) or "fast" (looked-up rows, skipped steps caught up).
+        count_every: count the non-zeros every N steps.
+        checkpoint_every: checkpoint every N steps (and every epoch).
+        pruning: "budget" (the controller steers gk so that each budget is passed at its planned
+            step) or "faithful" (the published recipe: pruning at the thresholds' own pace).
+        steps, planned_steps: the controller's plan: the step budget of a cubic plan (default:
+            every step of `epochs`), or one planned step per budget.
+        min_occurrences: zero, before the first step, the rows of features seen fewer than K
+            times in `x` (they stay zero).
+        log: where progress lines go.
+
+    Returns:
+        The summary written to `search.json` (snapshots, planned vs reached steps, budgets not
+        reached), plus the count history.
+
+    Raises:
+        ValueError: bad settings, or an existing run folder of another run.
+
+    Example:
+        >>> spec = RunSpec("fm", field_dims, 16, threshold_init=-15.0)
+        >>> summary = search(spec, x, y, "runs/fm", [0.8, 0.9, 0.95], epochs=30, lr=1e-2)
+        >>> [s["path"] for s in summary["snapshots"]]
+    """
     if not isinstance(spec, RunSpec):
         raise TypeError(f"spec must be a RunSpec, got {type(spec).__name__}")
     if training not in TRAINING_MODES:
