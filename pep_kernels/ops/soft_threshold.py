@@ -1,26 +1,8 @@
-"""The soft-threshold embedding lookup and bag on GPU: Triton kernels, their launchers (the CUDA
-kernels of the pep_kernels lookup, bag and masked ops, whose CPU kernels are C++), the ops' fake
-kernels, and the autograd Functions of the lookup and of the masked lookup.
-
-    out[k, :] = sign(W[r_k]) * relu(|W[r_k]| - gk * sigmoid(s[...]))      (PEP_SPEC 1-2)
-
-No host synchronisation anywhere (docs/design/gpu_path.md):
-- the forward is one kernel: it offsets per-field ids, masks and records an out-of-range id
-  (`DeferredIdErrors`), writes the rows it read for the backward and, for a `fast` Adam table,
-  catches each row up on the fly (the skipped steps replayed in registers, nothing written);
-- the backward sorts the rows (one torch.sort) and runs two kernels over fixed chunks of the
-  sorted lookups, sized by the number of lookups: the first sums each run of one row inside its
-  chunk with a segmented scan and finishes the runs that lie in the chunk (writing the row's
-  gradient, or applying the fused optimizer step to the row); the second finishes the runs that
-  cross chunks from the partial sums the first left. A hot row's lookups are thus split across
-  programs, and no kernel needs the number of distinct rows. Every sum runs in a fixed order: the
-  backward is deterministic.
-- shared thresholds (global, dimension, field modes) get one term per lookup, summed by one torch
-  reduction;
-- the optimizer's step counter lives on the device: the last program of the last kernel of a
-  fused step increments it;
-- a bag is pooled by one program (its lookups in tiles, summed in registers); its backward is the
-  lookup's, each lookup's upstream gradient its bag's (found by a binary search of the offsets).
+"""The soft-threshold lookup and bag on GPU: Triton kernels, their launchers (the CUDA kernels of
+the pep_kernels lookup, bag and masked ops, whose CPU kernels are C++), the ops' fake kernels, and
+the autograd Functions of the lookup and the masked lookup. No host synchronisation: one forward
+kernel; a sort and two kernels over chunks of the sorted lookups for the backward, with the fused
+optimizer step; the step counter on the device (docs/design/gpu_path.md).
 """
 
 import functools
@@ -134,6 +116,26 @@ def _soft_threshold(w, t):
 
 
 @triton.jit
+def _pruned_tile(w_ptr, s_ptr, row, srows, cols, mask, ok, wm_ptr, wv_ptr, wlast_ptr, sm_ptr, sv_ptr, slast_ptr,
+                 sched_ptr, sched_len, seg_ptr, step, dim, gk, stride_w, stride_wd, stride_s, stride_sd, eps,
+                 weight_decay, beta2, one_minus_beta1, one_minus_beta2, ROW_SOURCE: tl.constexpr,
+                 PER_DIM: tl.constexpr, CATCH_UP: tl.constexpr):
+    """S(W, s) of the looked-up rows (threshold rows `srows`), fp32; under `fast` Adam (CATCH_UP)
+    W and a per-row s as they are after the steps they missed, up to `step` (nothing written)."""
+    w = _rows_tile(w_ptr, row, cols, mask, stride_w, stride_wd)
+    scols = cols if PER_DIM else cols * 0
+    s = _rows_tile(s_ptr, srows, scols, mask, stride_s, stride_sd)
+    if CATCH_UP:
+        w, _, _ = _caught_up(w, row, cols, mask, ok, wm_ptr, wv_ptr, wlast_ptr, dim, step, sched_ptr, sched_len,
+                             seg_ptr, eps, weight_decay, beta2, one_minus_beta1, one_minus_beta2, False)
+        if ROW_SOURCE == 1:
+            s, _, _ = _caught_up(s, row, scols, mask, ok, sm_ptr, sv_ptr, slast_ptr, dim if PER_DIM else 1, step,
+                                 sched_ptr, sched_len, seg_ptr, eps, weight_decay, beta2, one_minus_beta1,
+                                 one_minus_beta2, False)
+    return _soft_threshold(w, gk * tl.sigmoid(s))
+
+
+@triton.jit
 def _segmented_sum(a, a_starts, b, b_starts):
     """Combine of a segmented inclusive scan: a run restarts where its first element starts it."""
     return tl.where(b_starts != 0, b, a + b), a_starts | b_starts
@@ -225,23 +227,17 @@ def _forward_kernel(
     cols = tl.arange(0, BLOCK_D)
     in_dim = (cols < dim)[None, :]
     mask = ok[:, None] & in_dim
-    w = _rows_tile(w_ptr, row, cols, mask, stride_w, stride_wd)
     if MASKED:
+        w = _rows_tile(w_ptr, row, cols, mask, stride_w, stride_wd)
         keep = tl.load(s_ptr + row[:, None] * stride_s + cols[None, :] * stride_sd, mask=mask, other=0)
         out = tl.where(keep != 0, w, 0.0)
     else:
-        scols = cols if PER_DIM else cols * 0
-        srows = _threshold_rows(row, offs, num_threshold_rows, ROW_SOURCE)
-        s = _rows_tile(s_ptr, srows, scols, mask, stride_s, stride_sd)
-        if CATCH_UP:
-            step = tl.minimum(tl.load(step_ptr), sched_len - 1)  # a step past the schedule is reported by the backward
-            w, _, _ = _caught_up(w, row, cols, mask, ok, wm_ptr, wv_ptr, wlast_ptr, dim, step, sched_ptr, sched_len,
-                                 seg_ptr, eps, weight_decay, beta2, one_minus_beta1, one_minus_beta2, False)
-            if ROW_SOURCE == 1:
-                s, _, _ = _caught_up(s, row, scols, mask, ok, sm_ptr, sv_ptr, slast_ptr, dim if PER_DIM else 1, step,
-                                     sched_ptr, sched_len, seg_ptr, eps, weight_decay, beta2, one_minus_beta1,
-                                     one_minus_beta2, False)
-        out = _soft_threshold(w, gk * tl.sigmoid(s))
+        # a step past the schedule is reported by the backward; nothing is read past it here
+        step = tl.minimum(tl.load(step_ptr), sched_len - 1) if CATCH_UP else 0
+        out = _pruned_tile(w_ptr, s_ptr, row, _threshold_rows(row, offs, num_threshold_rows, ROW_SOURCE), cols, mask,
+                           ok, wm_ptr, wv_ptr, wlast_ptr, sm_ptr, sv_ptr, slast_ptr, sched_ptr, sched_len, seg_ptr,
+                           step, dim, gk, stride_w, stride_wd, stride_s, stride_sd, eps, weight_decay, beta2,
+                           one_minus_beta1, one_minus_beta2, ROW_SOURCE, PER_DIM, CATCH_UP)
     tl.store(out_ptr + offs[:, None] * dim + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=live[:, None] & in_dim)
 
 
@@ -274,8 +270,7 @@ def _bag_forward_kernel(
     in_dim = (cols < dim)[None, :]
     acc = tl.zeros((BLOCK_D,), tl.float32)
     count = tl.zeros((1,), tl.int64)
-    if CATCH_UP:
-        step = tl.minimum(tl.load(step_ptr), sched_len - 1)
+    step = tl.minimum(tl.load(step_ptr), sched_len - 1) if CATCH_UP else 0
     for k0 in range(start, end, BLOCK_L):
         offs = k0 + tl.arange(0, BLOCK_L).to(tl.int64)
         live = offs < end
@@ -287,17 +282,10 @@ def _bag_forward_kernel(
         ok = used & in_range
         row = tl.where(ok, raw, 0)
         mask = ok[:, None] & in_dim
-        w = _rows_tile(w_ptr, row, cols, mask, stride_w, stride_wd)
-        scols = cols if PER_DIM else cols * 0
-        s = _rows_tile(s_ptr, _threshold_rows(row, offs, 1, ROW_SOURCE), scols, mask, stride_s, stride_sd)
-        if CATCH_UP:
-            w, _, _ = _caught_up(w, row, cols, mask, ok, wm_ptr, wv_ptr, wlast_ptr, dim, step, sched_ptr, sched_len,
-                                 seg_ptr, eps, weight_decay, beta2, one_minus_beta1, one_minus_beta2, False)
-            if ROW_SOURCE == 1:
-                s, _, _ = _caught_up(s, row, scols, mask, ok, sm_ptr, sv_ptr, slast_ptr, dim if PER_DIM else 1, step,
-                                     sched_ptr, sched_len, seg_ptr, eps, weight_decay, beta2, one_minus_beta1,
-                                     one_minus_beta2, False)
-        value = _soft_threshold(w, gk * tl.sigmoid(s))
+        value = _pruned_tile(w_ptr, s_ptr, row, _threshold_rows(row, offs, 1, ROW_SOURCE), cols, mask, ok, wm_ptr,
+                             wv_ptr, wlast_ptr, sm_ptr, sv_ptr, slast_ptr, sched_ptr, sched_len, seg_ptr, step, dim, gk,
+                             stride_w, stride_wd, stride_s, stride_sd, eps, weight_decay, beta2, one_minus_beta1,
+                             one_minus_beta2, ROW_SOURCE, PER_DIM, CATCH_UP)
         if HAS_PSW:
             value = value * tl.load(psw_ptr + offs, mask=ok, other=0.0).to(tl.float32)[:, None]
         acc += tl.sum(tl.where(mask, value, 0.0), axis=0)
