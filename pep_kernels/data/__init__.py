@@ -4,7 +4,7 @@ from .avazu import AVAZU_FIELD_NAMES, load_avazu
 from .criteo import CRITEO_FIELD_NAMES, criteo_integer_token, load_criteo, log_squared_bucket
 from .ctr import BagField, CTRData, split, synthetic_ctr_data
 from .movielens import load_movielens_1m, load_movielens_100k, movielens_100k_dir
-from .synthetic import SyntheticCTR, make_synthetic_ctr
+from .synthetic import SyntheticCTR, make_synthetic_ctr, write_criteo_like_file
 
 __all__ = [
     "AVAZU_FIELD_NAMES",
@@ -22,4 +22,5 @@ __all__ = [
     "movielens_100k_dir",
     "split",
     "synthetic_ctr_data",
+    "write_criteo_like_file",
 ]

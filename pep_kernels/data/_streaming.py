@@ -1,77 +1,159 @@
-"""One streaming encoder for large CTR logs (Criteo, Avazu), with an on-disk cache.
+"""One column-wise encoder for CTR tables (Criteo, Avazu, CSV/TSV/Parquet files), with an on-disk cache.
 
-The raw files are tens of GB, so the text is never held in memory: pass 1 streams the file and
-counts every field's raw values, pass 2 streams it again and writes local ids straight into the
-output arrays (memory-mapped .npy files in the cache directory when there is one). A format only
-supplies a row parser; reading, error handling, id assignment and caching live here once.
+The inputs are tens of GB, so they are read in chunks (about CHUNK_BYTES of text, or Parquet row
+batches) by pyarrow, whose readers parse and dictionary-encode whole columns in C++, on a worker
+thread while the previous chunk is encoded. One pass over the input merges each chunk's distinct
+values into a vocabulary per field (pyarrow's dictionary unifier, also C++), counts them, and
+writes every row's provisional id (its value's position in the vocabulary) to a scratch file;
+the final ids (by decreasing count, ties by value, rare values sharing one id) are then one
+numpy take per field over that file. Python touches only the labels, the distinct raw values of
+numeric columns and the rows found malformed. Memory: the vocabularies, a few chunks in flight,
+and the output itself.
 """
 
+import csv
+import functools
 import hashlib
 import json
+import math
 import os
+import re
 import shutil
 import tempfile
+import threading
 import warnings
-from collections import Counter
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from queue import Empty, Full, Queue
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from .ctr import CTRData
+from .buckets import numeric_token
+from .ctr import BagField, CTRData
 
 ON_ERROR_CHOICES = ("raise", "skip")
 # Bump when the encoding changes, so caches written by older code are not reused.
-_CACHE_VERSION = 1
-# Rows parsed per batch: large enough that the per-column counting and lookups run in C.
-_CHUNK_ROWS = 1 << 16
-
-
-class MalformedLine(Exception):
-    """What is wrong with one line, raised by a row parser; the reader adds the file and line number.
-
-    Deliberately not a ValueError, so a bug in a parser is never mistaken for bad input.
-    """
-
-
-def parse_label(raw: str) -> int:
-    if raw == "0":
-        return 0
-    if raw == "1":
-        return 1
-    raise MalformedLine(f"label is {raw!r}, expected 0 or 1")
+_CACHE_VERSION = 2
+# Text per chunk: large enough that per-chunk Python work is small next to the C++ work, small
+# enough that the chunks in flight (one parsing, one queued, one encoding) stay a few hundred MB.
+CHUNK_BYTES = 64 << 20
+PARQUET_BATCH_ROWS = 1 << 17
+_PARSE_BLOCK_BYTES = 4 << 20  # the CSV reader's threads each parse blocks of this size
+_REMAP_ROWS = 1 << 20  # rows per block when the provisional ids are mapped to the final ones
+_PENDING_ROWS = 1 << 23  # rows of a field whose values may wait to be merged into its vocabulary
+_NUMBER = r"^\s*[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?\s*$"
 
 
 @dataclass(frozen=True)
-class LineFormat:
-    """How to read one CTR log format."""
+class Roles:
+    """What the columns of a table are: one label column (0/1), and the features.
 
-    name: str  # part of the cache key, e.g. "criteo"
-    field_names: tuple
-    parse_row: Callable  # line without its newline -> (label 0/1, one raw token per field); raises MalformedLine
-    header_lines: int = 0  # lines at the top that are not examples (checked by the caller)
+    Columns not named take the role ``categorical`` (one id per distinct value), in file order,
+    unless ``fields`` lists the single-id fields (categorical and numeric) in the order wanted.
+    ``numeric`` columns hold integer counts, bucketed by Criteo's rule (`log_squared_bucket`;
+    empty is a bucket of its own); ``bags`` hold lists of values (``bag_separator`` between them
+    in text, or a Parquet list column); ``dense`` hold numbers kept as they are (CTRData.dense);
+    ``ignore`` are not read.
+    """
+
+    label: str
+    numeric: tuple = ()
+    bags: tuple = ()
+    dense: tuple = ()
+    ignore: tuple = ()
+    bag_separator: str = "|"
+    fields: tuple | None = None
+
+    def __post_init__(self):
+        for role in ("numeric", "bags", "dense", "ignore"):
+            names = getattr(self, role)
+            if isinstance(names, str):
+                raise ValueError(f"{role} must be a sequence of column names, got the string {names!r}")
+            object.__setattr__(self, role, tuple(str(name) for name in names))
+        if self.fields is not None:
+            object.__setattr__(self, "fields", tuple(str(name) for name in self.fields))
+        if not isinstance(self.bag_separator, str) or not self.bag_separator:
+            raise ValueError(f"bag_separator must be a non-empty string, got {self.bag_separator!r}")
+        named = [self.label, *self.numeric, *self.bags, *self.dense, *self.ignore]
+        repeated = sorted({name for name in named if named.count(name) > 1})
+        if repeated:
+            raise ValueError(f"columns {repeated} are given more than one role (label {self.label!r}, numeric "
+                             f"{list(self.numeric)}, bags {list(self.bags)}, dense {list(self.dense)}, ignore "
+                             f"{list(self.ignore)})")
+
+    def single_id_fields(self, columns, source):
+        """The categorical and numeric fields, in output order, checked against the file's columns."""
+        missing = [name for name in [self.label, *self.numeric, *self.bags, *self.dense, *self.ignore,
+                                     *(self.fields or ())] if name not in columns]
+        if missing:
+            shown = ", ".join(map(repr, columns[:60])) + (", ..." if len(columns) > 60 else "")
+            raise ValueError(f"{source}: no column named {', '.join(map(repr, missing))}; its columns are: {shown}")
+        if self.fields is not None:
+            return list(self.fields)
+        taken = {self.label, *self.bags, *self.dense, *self.ignore}
+        return [name for name in columns if name not in taken]
+
+    def needed(self, fields):
+        return [self.label, *fields, *self.bags, *self.dense]
+
+
+@dataclass(frozen=True)
+class TextFormat:
+    """How a delimited text file is split into columns."""
+
+    delimiter: str
+    quoting: bool  # honour "double quotes" (CSV); the Criteo and Avazu logs are split on the delimiter only
+    column_names: tuple | None = None  # None: the first line is a header naming the columns
+    columns_hint: str = ""  # what the columns are, for the wrong-column-count message
+
+    def describe(self):
+        return {"\t": "tab", ",": "comma"}.get(self.delimiter, repr(self.delimiter))
 
 
 @dataclass
-class _ReadStats:
-    lines: int = 0  # data lines read, malformed or not
+class _Chunk:
+    """Rows of one file that parsed, and the lines or rows that did not."""
+
+    table: pa.Table  # the needed columns
+    source: Path
+    unit: str  # "line" or "row"
+    positions: np.ndarray  # (rows,) 1-based line or row number of each table row
+    dropped: list  # (position, problem) of lines that are not in the table (a wrong column count)
+    bad_rows: dict  # table row -> problem (a str, or a function that writes it): malformed values, empty lines
+
+
+@dataclass
+class _Problems:
     skipped: int = 0
-    first_problem: str = ""
+    first: str = ""
+    unit: str = "line"
 
 
-def encode_ctr_file(path, line_format, min_count, cache_dir, max_rows, on_error) -> CTRData:
-    """Encode a CTR log into per-field local ids, reusing a cached encoding when one matches.
+def encode_table(path, name, roles, text_format, min_count, cache_dir, max_rows, on_error) -> CTRData:
+    """Encode a table into per-field local ids, reusing a cached encoding when one matches.
 
-    Per field, values seen at least ``min_count`` times get ids ``0, 1, ...`` in order of decreasing
-    frequency (ties by value); all rarer values share the next id, which exists only if some value
-    is rare, so every id in ``field_dims`` occurs in the data. ``max_rows`` caps the number of
-    examples read from the top of the file (malformed lines skipped along the way do not count).
+    ``path`` is a delimited text file (``text_format``; compressed .gz/.bz2/.zst/.lz4 files are
+    decompressed as they are read), or with ``text_format=None`` a Parquet file or a folder of
+    Parquet parts (``*.parquet`` below it, read in sorted order). Per field, values seen at least
+    ``min_count`` times get ids ``0, 1, ...`` in order of decreasing frequency (ties by value);
+    all rarer values share the next id, which exists only if some value is rare, so every id in
+    ``field_dims`` occurs in the data. Bags follow the same rule over all their items.
+    ``max_rows`` caps the number of examples read from the top (malformed lines skipped along the
+    way do not count).
 
-    The cache entry is keyed on the file's resolved path, size and modification time, the format,
-    the parameters and the encoder version; any change builds a new entry.
+    A malformed line or row raises ValueError naming the file, the line (text) or row (Parquet),
+    the column and the value; with ``on_error="skip"`` it is left out, counted in
+    ``skipped_lines`` and reported with a warning.
+
+    The cache entry is keyed on the input's resolved path, size and modification time (every
+    part's, for a folder), the roles and format, the parameters and the encoder version; any
+    change builds a new entry.
     """
     if isinstance(min_count, bool) or not isinstance(min_count, int) or min_count < 1:
         raise ValueError(f"min_count must be an integer >= 1, got {min_count!r}")
@@ -80,25 +162,25 @@ def encode_ctr_file(path, line_format, min_count, cache_dir, max_rows, on_error)
     if on_error not in ON_ERROR_CHOICES:
         raise ValueError(f"on_error must be one of {ON_ERROR_CHOICES}, got {on_error!r}")
     path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"{line_format.name} data file {path} is a folder; expected the data file itself")
-    if not path.is_file():
-        raise FileNotFoundError(f"{line_format.name} data file not found: {path}")
-    stat = path.stat()
+    files = _input_files(path, name, parquet=text_format is None)
     params = {
-        "format": line_format.name,
+        "format": name,
         "path": str(path.resolve()),
-        "size": stat.st_size,
-        "mtime_ns": stat.st_mtime_ns,
+        "files": [[str(f.relative_to(path)) if f != path else "", f.stat().st_size, f.stat().st_mtime_ns]
+                  for f in files],
+        "roles": asdict(roles),
+        "text_format": None if text_format is None else asdict(text_format),
         "min_count": min_count,
         "max_rows": max_rows,
         "on_error": on_error,
         "version": _CACHE_VERSION,
     }
+    params = json.loads(json.dumps(params))  # as read back from meta.json (tuples become lists)
     if cache_dir is None:
-        return _encode(path, line_format, params, output_dir=None)
+        with tempfile.TemporaryDirectory(prefix="pep-encode-") as scratch:
+            return _encode(path, files, name, roles, text_format, params, Path(scratch), output_dir=None)
     key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
-    entry = Path(cache_dir) / f"{line_format.name}-{path.name}-{key}"
+    entry = Path(cache_dir) / f"{name}-{path.name}-{key}"
     cached = _load_cache_entry(entry, params)
     if cached is not None:
         return cached
@@ -107,7 +189,7 @@ def encode_ctr_file(path, line_format, min_count, cache_dir, max_rows, on_error)
     # leaves a half-written entry that a later call would trust.
     staging = Path(tempfile.mkdtemp(prefix=f"{entry.name}.partial-", dir=cache_dir))
     try:
-        data = _encode(path, line_format, params, output_dir=staging)
+        data = _encode(path, files, name, roles, text_format, params, staging, output_dir=staging)
         shutil.rmtree(entry, ignore_errors=True)  # an unreadable entry under the same key
         os.replace(staging, entry)
     except BaseException:
@@ -116,119 +198,537 @@ def encode_ctr_file(path, line_format, min_count, cache_dir, max_rows, on_error)
     return data
 
 
-def _encode(path, line_format, params, output_dir):
-    """Both passes; with an output_dir the arrays and their metadata are written there."""
-    stats = _ReadStats()
-    counters = [Counter() for _ in line_format.field_names]
-    num_rows = 0
-    for _, rows in _read_chunks(path, line_format, params, stats, "counting values"):
-        for counter, column in zip(counters, zip(*rows)):
-            counter.update(column)
-        num_rows += len(rows)
-    if num_rows == 0:
-        raise ValueError(f"{path}: no well-formed data rows" + (f" ({_skip_summary(stats)})" if stats.skipped else ""))
-    ids, field_dims = [], []
-    for f, counter in enumerate(counters):
-        field_ids, field_dim = _assign_ids(counter, params["min_count"])
-        ids.append(field_ids)
-        field_dims.append(field_dim)
-        counters[f] = None  # free the counts (gigabytes on Criteo) before the next field's ids are built
-
-    shape = (num_rows, len(line_format.field_names))
-    if output_dir is None:
-        x, y = np.empty(shape, np.int32), np.empty(num_rows, np.float32)
-    else:
-        x = np.lib.format.open_memmap(output_dir / "x.npy", mode="w+", dtype=np.int32, shape=shape)
-        y = np.lib.format.open_memmap(output_dir / "y.npy", mode="w+", dtype=np.float32, shape=(num_rows,))
-    second_pass = _ReadStats()
-    start = 0
-    for labels, rows in _read_chunks(path, line_format, params, second_pass, "encoding", total=stats.lines):
-        end = start + len(rows)
-        if end > num_rows:
-            raise RuntimeError(f"{path} changed while it was being read (more rows than the {num_rows} counted)")
-        y[start:end] = labels
-        for f, column in enumerate(zip(*rows)):
-            try:
-                x[start:end, f] = np.fromiter(map(ids[f].__getitem__, column), np.int32, count=len(rows))
-            except KeyError as unseen:
-                raise RuntimeError(f"{path} changed while it was being read (field {line_format.field_names[f]} "
-                                   f"has value {unseen} that the first pass did not see)") from None
-        start = end
-    if start != num_rows:
-        raise RuntimeError(f"{path} changed while it was being read ({start} rows now, {num_rows} before)")
-    if stats.skipped:
-        warnings.warn(_skip_summary(stats), stacklevel=4)
-
-    field_names = list(line_format.field_names)
-    if output_dir is not None:
-        x.flush()
-        y.flush()
-        meta = {
-            "params": params,
-            "field_names": field_names,
-            "field_dims": field_dims,
-            "num_rows": num_rows,
-            "skipped_lines": stats.skipped,
-            "first_skipped": stats.first_problem,
-        }
-        (output_dir / "meta.json").write_text(json.dumps(meta, indent=1))
-    # Copies: the ids become int64 as CTRData requires, and nothing stays tied to the staging files.
-    return CTRData(torch.from_numpy(x.astype(np.int64)), torch.from_numpy(np.array(y)), field_dims,
-                   field_names, skipped_lines=stats.skipped)
+def _input_files(path, name, parquet):
+    if path.is_dir():
+        if not parquet:
+            raise ValueError(f"{name} data file {path} is a folder; expected the data file itself")
+        parts = sorted(p for p in path.rglob("*.parquet") if p.is_file())
+        if not parts:
+            raise ValueError(f"{name} data folder {path} has no *.parquet files")
+        return parts
+    if not path.is_file():
+        raise FileNotFoundError(f"{name} data file not found: {path}")
+    return [path]
 
 
-def _assign_ids(counter, min_count):
-    """(raw value -> local id for every value seen, number of ids); rare values share the last id."""
-    frequent = sorted((value for value, count in counter.items() if count >= min_count),
-                      key=lambda value: (-counter[value], value))
-    ids = {value: i for i, value in enumerate(frequent)}
-    rare = [value for value, count in counter.items() if count < min_count]
-    ids.update(dict.fromkeys(rare, len(frequent)))
-    return ids, len(frequent) + (1 if rare else 0)
+class _Vocabulary:
+    """The distinct values of one field (or bag), their counts, and every row's provisional id.
 
-
-def _read_chunks(path, line_format, params, stats, step, total=None):
-    """Yield (labels, rows) batches of the well-formed examples, in file order.
-
-    A malformed line raises ValueError naming the file and its 1-based line number, or with
-    on_error="skip" is counted in ``stats`` and left out.
+    Each chunk brings its values dictionary-encoded (its distinct values, and an index per row).
+    The chunks' dictionaries are merged into the vocabulary in C++ (pyarrow's dictionary unifier,
+    which keeps the vocabulary's order and appends new values), in batches that grow with the
+    vocabulary, so that re-hashing it costs O(values seen) over the whole file; a batch is also
+    merged once it holds _PENDING_ROWS rows, which bounds its memory. Each row's provisional id
+    (its value's position in the vocabulary, -1 for a missing value) goes to a scratch file.
     """
-    max_rows = params["max_rows"]
-    kept = 0
-    labels, rows = [], []
-    # latin-1 maps every byte to one character, so decoding never fails and distinct bytes stay
-    # distinct tokens (the logs are ASCII in practice). Lines end at "\n" only, so line numbers
-    # match other tools and a stray "\r" inside a line cannot split it.
-    with open(path, encoding="latin-1", newline="\n") as lines:
-        for _ in range(line_format.header_lines):
-            lines.readline()
-        with tqdm(lines, desc=f"{line_format.name} {path.name}: {step}", total=total, unit=" lines",
-                  mininterval=1, disable=None) as progress:
-            for line_number, line in enumerate(progress, start=line_format.header_lines + 1):
-                stats.lines += 1
+
+    def __init__(self, scratch_path, what):
+        self.what = what  # "column 'C3' of FILE", for errors
+        self.values = None  # pa.Array: the value of each provisional id
+        self.counts = np.zeros(0, np.int64)
+        self.missing = 0  # rows with a missing (null) value, a value of its own
+        self.pending, self.pending_values, self.pending_rows = [], 0, 0
+        self.scratch_path = scratch_path
+        self.scratch = open(scratch_path, "wb")
+
+    def add(self, dictionary, indices):
+        """One chunk: its distinct values (pa.Array, no two equal) and each row's index into them
+        (int32; len(dictionary) for a missing value)."""
+        self.pending.append((dictionary, indices))
+        self.pending_values += len(dictionary)
+        self.pending_rows += len(indices)
+        vocabulary_size = 0 if self.values is None else len(self.values)
+        if self.pending_values >= vocabulary_size or self.pending_rows >= _PENDING_ROWS:
+            self._merge()
+
+    def _merge(self):
+        dictionaries = ([] if self.values is None else [self.values]) + [d for d, _ in self.pending]
+        kind = dictionaries[0].type
+        for d, dictionary in enumerate(dictionaries):
+            if dictionary.type != kind:
                 try:
-                    label, row = line_format.parse_row(line.rstrip("\r\n"))
-                except MalformedLine as problem:
-                    where = f"{path}, line {line_number}: {problem}"
-                    if params["on_error"] == "raise":
-                        raise ValueError(f"{where} (pass on_error='skip' to skip malformed lines)") from None
-                    stats.skipped += 1
-                    stats.first_problem = stats.first_problem or where
-                    continue
-                labels.append(label)
-                rows.append(row)
-                kept += 1
-                if len(rows) == _CHUNK_ROWS:
-                    yield labels, rows
-                    labels, rows = [], []
-                if kept == max_rows:
+                    dictionaries[d] = dictionary.cast(kind)
+                except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+                    raise ValueError(f"{self.what} holds values of type {kind} and of type {dictionary.type}; "
+                                     "expected one type") from None
+        merged = pa.chunked_array([pa.DictionaryArray.from_arrays(pa.array(np.arange(len(d), dtype=np.int32)), d)
+                                   for d in dictionaries]).unify_dictionaries()
+        self.values = merged.chunk(0).dictionary
+        self.counts = np.concatenate([self.counts, np.zeros(len(self.values) - len(self.counts), np.int64)])
+        for (dictionary, indices), chunk in zip(self.pending, merged.chunks[len(dictionaries) - len(self.pending):]):
+            ids = np.append(chunk.indices.to_numpy(), np.int32(-1))  # the slot after the values: missing
+            counts = np.bincount(indices, minlength=len(ids))
+            self.counts[ids[:-1]] += counts[:-1]
+            self.missing += int(counts[-1])
+            self.scratch.write(ids[indices].tobytes())
+        self.pending, self.pending_values, self.pending_rows = [], 0, 0
+
+    def final_ids(self, min_count):
+        """(final id of each provisional id, then of the missing value (the id -1 reads it); number of ids).
+
+        Values seen at least min_count times by decreasing count, ties by value (a missing value
+        after the others), then one id for all rarer values if there are any."""
+        if self.pending:
+            self._merge()
+        self.scratch.close()
+        values, counts = self.values, self.counts
+        if self.missing:
+            values = pa.concat_arrays([values, pa.nulls(1, values.type)])
+            counts = np.append(counts, self.missing)
+        order = pc.sort_indices(pa.table({"count": counts, "value": values}),
+                                sort_keys=[("count", "descending"), ("value", "ascending")]).to_numpy()
+        rank = np.empty(len(counts), np.int64)
+        rank[order] = np.arange(len(counts))
+        frequent = int((counts >= min_count).sum())  # they sort first: every rare count is lower
+        rare = bool(((counts > 0) & (counts < min_count)).any())  # values of skipped rows only have count 0
+        final = np.minimum(rank, frequent)
+        return (final if self.missing else np.append(final, 0)), frequent + rare
+
+    def provisional_ids(self):
+        """The provisional id of every row, in row order (memory-mapped scratch file)."""
+        if not self.scratch_path.stat().st_size:  # np.memmap cannot map an empty file
+            return np.zeros(0, np.int32)
+        return np.memmap(self.scratch_path, np.int32, "r")
+
+    def close(self):
+        self.scratch.close()
+
+
+def _encode(path, files, name, roles, text_format, params, scratch, output_dir):
+    """The one pass, then the final ids; with an output_dir the arrays and their metadata are written there."""
+    fields, chunks = _open_chunks(path, files, name, roles, text_format)
+    numeric = set(roles.numeric)
+    vocabularies = [_Vocabulary(scratch / f"{i}.provisional", f"column {column!r} of {path}")
+                    for i, column in enumerate([*fields, *roles.bags])]
+    labels, bag_lengths, dense = [], [[] for _ in roles.bags], []
+    problems = _Problems()
+    num_rows, max_rows = 0, params["max_rows"]
+    try:
+        with tqdm(desc=f"{name} {path.name}: encoding", unit=" rows", mininterval=1, disable=None) as progress:
+            for chunk in chunks:
+                columns = _decode(chunk, roles, fields, numeric)
+                room = None if max_rows is None else max_rows - num_rows
+                keep = _keep_rows(chunk, problems, params["on_error"], room)
+                every_row = len(keep) == chunk.table.num_rows
+                labels.append(columns[roles.label][keep])
+                for f, field in enumerate(fields):
+                    dictionary, indices = columns[field]
+                    vocabularies[f].add(dictionary, indices if every_row else indices[keep])
+                for b, bag in enumerate(roles.bags):
+                    dictionary, indices, offsets = columns[bag]
+                    lengths = np.diff(offsets)
+                    kept = np.zeros(len(lengths), bool)
+                    kept[keep] = True
+                    items = indices if every_row else indices[np.repeat(kept, lengths)]
+                    vocabularies[len(fields) + b].add(dictionary, items)
+                    bag_lengths[b].append(lengths[keep])
+                if roles.dense:
+                    dense.append(np.stack([columns[d][keep] for d in roles.dense], axis=1))
+                num_rows += len(keep)
+                progress.update(len(keep))
+                if num_rows == max_rows:
                     break
-    if rows:
-        yield labels, rows
+        if num_rows == 0:
+            raise ValueError(f"{path}: no well-formed data rows"
+                             + (f" ({_skip_summary(problems)})" if problems.skipped else ""))
+        maps = [vocabulary.final_ids(params["min_count"]) for vocabulary in vocabularies]
+    finally:
+        chunks.close()
+        for vocabulary in vocabularies:
+            vocabulary.close()
+    x = np.empty((num_rows, len(fields)), np.int64)
+    for f in range(len(fields)):
+        final, provisional = maps[f][0], vocabularies[f].provisional_ids()
+        for start in range(0, num_rows, _REMAP_ROWS):
+            x[start:start + _REMAP_ROWS, f] = final[provisional[start:start + _REMAP_ROWS]]
+        del provisional
+    bags = []
+    for b, bag in enumerate(roles.bags):
+        final, num_values = maps[len(fields) + b]
+        values = final[vocabularies[len(fields) + b].provisional_ids()]
+        offsets = np.concatenate([[0], np.cumsum(np.concatenate(bag_lengths[b]))]).astype(np.int64)
+        # max(.., 1): a bag column whose every bag is empty still has a valid (unused) id range
+        bags.append(BagField(bag, max(num_values, 1), torch.from_numpy(values), torch.from_numpy(offsets)))
+    if problems.skipped:
+        warnings.warn(_skip_summary(problems), stacklevel=4)
+    field_dims = [dim for _, dim in maps[:len(fields)]]
+    data = CTRData(torch.from_numpy(x), torch.from_numpy(np.concatenate(labels)), field_dims, fields,
+                   skipped_lines=problems.skipped, bags=bags,
+                   dense=torch.from_numpy(np.concatenate(dense)) if roles.dense else None,
+                   dense_names=list(roles.dense))
+    if output_dir is not None:
+        _write_cache_entry(output_dir, data, params, problems)
+    return data
 
 
-def _skip_summary(stats):
-    return f"skipped {stats.skipped} malformed lines; the first: {stats.first_problem}"
+def _open_chunks(path, files, name, roles, text_format):
+    """(the single-id fields, an iterator of _Chunk read on a worker thread)."""
+    if text_format is None:
+        fields = roles.single_id_fields(pq.ParquetFile(files[0]).schema_arrow.names, files[0])
+        return fields, _in_background(_parquet_chunks(files, roles.needed(fields), [*roles.bags, *roles.dense]))
+    stream = pa.input_stream(str(path), compression="detect")
+    try:
+        if text_format.column_names is None:
+            head = stream.read(CHUNK_BYTES)
+            end = head.find(b"\n") + 1 or len(head)
+            columns = _header_columns(head[:end], text_format, path)
+            head, first_line = head[end:], 2
+        else:
+            columns, head, first_line = list(text_format.column_names), b"", 1
+        fields = roles.single_id_fields(columns, path)
+    except BaseException:
+        stream.close()
+        raise
+    chunks = _text_chunks(stream, head, path, text_format, columns, roles.needed(fields), [*roles.bags, *roles.dense],
+                          first_line)
+    return fields, _in_background(chunks)
+
+
+def _header_columns(header, text_format, path):
+    text = header.removeprefix(b"\xef\xbb\xbf").rstrip(b"\r\n")  # a UTF-8 byte order mark is not a name
+    if not text:
+        raise ValueError(f"{path}, line 1: expected a header naming the columns, found an empty line")
+    try:
+        decoded = text.decode("utf-8")
+    except UnicodeDecodeError:
+        decoded = text.decode("latin-1")
+    quoting = csv.QUOTE_MINIMAL if text_format.quoting else csv.QUOTE_NONE
+    (columns,) = csv.reader([decoded], delimiter=text_format.delimiter, quoting=quoting)
+    repeated = sorted({c for c in columns if columns.count(c) > 1})
+    if repeated:
+        raise ValueError(f"{path}, line 1: the header must name every column once; repeated: {repeated}")
+    if "" in columns:
+        raise ValueError(f"{path}, line 1: the header must name every column; column {columns.index('') + 1} "
+                         "has no name")
+    return columns
+
+
+def _text_chunks(stream, head, path, text_format, columns, needed, bags_and_dense, first_line):
+    """Chunks of whole lines, parsed; line numbers count from the top of the file (header included)."""
+    with stream:
+        carry = head
+        while True:
+            block = stream.read(CHUNK_BYTES)
+            data = carry + block
+            if not block:
+                if data:
+                    yield _parse_text(data, first_line, path, text_format, columns, needed, bags_and_dense, last=True)
+                return
+            end = data.rfind(b"\n") + 1
+            if end == 0:
+                carry = data
+                continue
+            carry = data[end:]
+            yield _parse_text(data[:end], first_line, path, text_format, columns, needed, bags_and_dense, last=False)
+            first_line += data.count(b"\n", 0, end)
+
+
+def _parse_text(data, first_line, path, text_format, columns, needed, bags_and_dense, last):
+    """One chunk of whole lines as a _Chunk: label and single-id fields dictionary-encoded (by the
+    CSV reader, in C++), bags and dense columns as raw bytes."""
+    dropped = []
+    wrong_count = f"{text_format.describe()}-separated columns{text_format.columns_hint}"
+
+    def on_invalid_row(row):
+        line = None if row.number is None else first_line + row.number - 1  # None from the threaded reader
+        dropped.append((line, f"expected {row.expected_columns} {wrong_count}, found {row.actual_columns}"))
+        return "skip"
+
+    misread = {}  # line -> problem: lines that pyarrow would read differently from "one line, one row"
+    if data.count(b"\r") != data.count(b"\r\n"):
+        # pyarrow ends a line at a lone "\r" too; here lines end at "\n" (as in the line numbers),
+        # so such a line is malformed, and the "\r" is blanked to keep rows and lines in step.
+        data = bytearray(data)
+        for match in re.finditer(rb"\r(?!\n)", data):
+            if last and match.start() == len(data) - 1:
+                continue  # "\r" ending the file ends its last line
+            line = first_line + data.count(b"\n", 0, match.start())
+            misread.setdefault(line, "a carriage return (\\r) inside the line; lines end at \\n or \\r\\n")
+            data[match.start()] = ord(" ")
+        data = bytes(data)
+    empty_line = f"expected {len(columns)} {wrong_count}, found 1"
+    if data.startswith((b"\n", b"\r\n")):
+        misread.setdefault(first_line, empty_line)
+    for separator in (b"\n\n", b"\n\r\n"):  # pyarrow reads an empty line as a row of empty values
+        start = data.find(separator)
+        while start >= 0:
+            misread.setdefault(first_line + data.count(b"\n", 0, start + 1), empty_line)
+            start = data.find(separator, start + 1)
+    dictionary_columns = needed[:len(needed) - len(bags_and_dense)]
+    types = dict.fromkeys(needed, pa.binary())
+    types.update(dict.fromkeys(dictionary_columns, pa.dictionary(pa.int32(), pa.binary())))
+
+    def read(use_threads):
+        dropped.clear()
+        return pacsv.read_csv(
+            pa.py_buffer(data),
+            read_options=pacsv.ReadOptions(column_names=columns, use_threads=use_threads,
+                                           block_size=_PARSE_BLOCK_BYTES if use_threads else len(data) + 1),
+            parse_options=pacsv.ParseOptions(delimiter=text_format.delimiter,
+                                             quote_char='"' if text_format.quoting else False,
+                                             ignore_empty_lines=False, invalid_row_handler=on_invalid_row),
+            convert_options=pacsv.ConvertOptions(include_columns=needed, column_types=types,
+                                                 strings_can_be_null=False, quoted_strings_can_be_null=False),
+        )
+
+    table = read(use_threads=True)
+    if dropped:  # the threaded reader does not number the lines it drops; read this chunk again in one thread
+        table = read(use_threads=False)
+    table = table.unify_dictionaries().combine_chunks()  # one dictionary per column (the blocks each had one)
+    num_lines = data.count(b"\n") + (0 if data.endswith(b"\n") else 1)
+    positions = np.arange(first_line, first_line + num_lines)
+    dropped_lines = {line for line, _ in dropped}
+    if dropped:
+        positions = np.delete(positions, [line - first_line for line in dropped_lines])
+    if len(positions) != table.num_rows:
+        raise ValueError(f"{path}, lines {first_line}-{first_line + num_lines - 1}: read {table.num_rows} rows from "
+                         f"{len(positions)} lines (a quoted value spanning lines?); expected one row per line")
+    bad_rows = {int(np.searchsorted(positions, line)): problem for line, problem in misread.items()
+                if line not in dropped_lines}
+    return _Chunk(table, path, "line", positions, dropped, bad_rows)
+
+
+def _parquet_chunks(files, needed, bags_and_dense):
+    """Row batches of the Parquet parts as _Chunk: label and single-id fields dictionary-encoded."""
+    for part in files:
+        reader = pq.ParquetFile(part)
+        missing = [c for c in needed if c not in reader.schema_arrow.names]
+        if missing:
+            raise ValueError(f"{part}: no column named {', '.join(map(repr, missing))} (the first part has them)")
+        row = 1
+        for batch in reader.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=needed):
+            table = pa.Table.from_batches([batch])
+            for name in needed[:len(needed) - len(bags_and_dense)]:
+                column = table.column(name).combine_chunks()
+                if not pa.types.is_dictionary(column.type):
+                    try:
+                        column = pc.dictionary_encode(column)
+                    except pa.ArrowNotImplementedError:
+                        raise ValueError(f"{part}: column {name!r} is a {column.type} column, which cannot be a "
+                                         "categorical field or the label (a list column can be a bag)") from None
+                table = table.set_column(table.schema.get_field_index(name), name, column)
+            yield _Chunk(table, part, "row", np.arange(row, row + batch.num_rows), [], {})
+            row += batch.num_rows
+
+
+def _in_background(chunks, depth=1):
+    """Iterates ``chunks`` on a worker thread, up to ``depth`` items ahead: the readers parse in
+    C++ without the GIL while the calling thread encodes the previous chunk. Closing the iterator
+    stops the worker."""
+    queue, stop, end = Queue(depth), threading.Event(), object()
+
+    def put(item):
+        while not stop.is_set():
+            try:
+                queue.put(item, timeout=0.1)
+                return True
+            except Full:
+                continue
+        return False
+
+    def work():
+        try:
+            for item in chunks:
+                if not put(item):
+                    return
+            put(end)
+        except BaseException as error:  # raised in the calling thread
+            put(_Failure(error))
+        finally:
+            chunks.close()
+
+    def consume():
+        worker = threading.Thread(target=work, name="pep-data-reader", daemon=True)
+        worker.start()  # here, so that an iterator never started has no thread to stop
+        try:
+            while True:
+                try:
+                    item = queue.get(timeout=0.1)
+                except Empty:
+                    if not worker.is_alive() and queue.empty():
+                        raise RuntimeError("the data reader thread ended without a result") from None
+                    continue
+                if item is end:
+                    return
+                if isinstance(item, _Failure):
+                    raise item.error
+                yield item
+        finally:
+            stop.set()
+            worker.join()
+
+    return consume()
+
+
+@dataclass
+class _Failure:
+    error: BaseException
+
+
+def _decode(chunk, roles, fields, numeric):
+    """Every needed column of the chunk decoded: {label: float32 labels; a field: (its distinct
+    values (pa.Array), the int32 index of each row's value, len(values) for a missing one); a bag:
+    (distinct items, index of each item, item offsets per row); a dense column: float32}. A
+    malformed value's row goes into ``chunk.bad_rows``, with a function that writes its problem
+    (in column order, so a row's first problem is the one reported)."""
+    table, decoded = chunk.table, {}
+
+    def flag(rows, problem_of_row):
+        for row in np.flatnonzero(rows).tolist():
+            chunk.bad_rows.setdefault(row, functools.partial(problem_of_row, row))
+
+    dictionary, indices = _dictionary(_column(table, roles.label))
+    raw = dictionary.to_pylist() + [None]
+    labels = np.array([_label_value(value) for value in raw], np.float32)[indices]  # NaN: not a label
+    if np.isnan(labels).any():
+        flag(np.isnan(labels), lambda r, raw=raw, indices=indices:
+             f"column {roles.label!r} (label) is {_shown(raw[indices[r]])}, expected 0 or 1")
+    decoded[roles.label] = labels
+    for field in fields:
+        dictionary, indices = _dictionary(_column(table, field))
+        if field in numeric:
+            raw = dictionary.to_pylist() + [None]  # the index after the values: missing, the empty token
+            tokens = [numeric_token(value) for value in raw]
+            if None in tokens:
+                invalid = np.array([token is None for token in tokens])
+                flag(invalid[indices], lambda r, raw=raw, indices=indices, field=field:
+                     f"column {field!r} (numeric) is {_shown(raw[indices[r]])}, expected an integer or empty")
+            distinct = {token: i for i, token in enumerate(dict.fromkeys(tokens))}  # raw "3" and "4" are bucket "1"
+            indices = np.array([distinct[token] for token in tokens], np.int32)[indices]
+            dictionary = pa.array(["" if token is None else token for token in distinct], pa.string())
+        decoded[field] = dictionary, indices
+    for bag in roles.bags:
+        decoded[bag] = _bag(_column(table, bag), roles.bag_separator, bag, flag)
+    for name in roles.dense:
+        decoded[name] = _dense(_column(table, name), name, flag)
+    return decoded
+
+
+def _column(table, name):
+    return table.column(name).combine_chunks()
+
+
+def _dictionary(column):
+    """(distinct values (pa.Array), int32 index of each row's value; len(values) for a missing one)."""
+    if not pa.types.is_dictionary(column.type):
+        column = pc.dictionary_encode(column)
+    return column.dictionary, column.indices.fill_null(len(column.dictionary)).to_numpy()
+
+
+def _label_value(value):
+    """0 or 1, or NaN when the value is not a label."""
+    if isinstance(value, bytes):
+        value = value.decode("latin-1")
+    if isinstance(value, str):
+        return {"0": 0, "1": 1}.get(value, math.nan)
+    if isinstance(value, bool | int | float) and value in (0, 1):
+        return int(value)
+    return math.nan
+
+
+def _shown(value):
+    return repr(value.decode("latin-1")) if isinstance(value, bytes) else repr(value)
+
+
+def _is_text(data_type):
+    return pa.types.is_binary(data_type) or pa.types.is_string(data_type) or pa.types.is_large_string(data_type)
+
+
+def _bag(column, separator, name, flag):
+    if _is_text(column.type):
+        column = pc.split_pattern(column, separator)
+    elif not (pa.types.is_list(column.type) or pa.types.is_large_list(column.type)):
+        raise ValueError(f"column {name!r} (bag) is of type {column.type}; expected text with {separator!r} between "
+                         "the items, or a list column")
+    column = pc.fill_null(column, pa.scalar([], column.type))  # a missing list is an empty bag
+    offsets = column.offsets.to_numpy().astype(np.int64)
+    offsets -= offsets[0]
+    items = pc.list_flatten(column)
+    missing = items.is_null().to_numpy(zero_copy_only=False)
+    if missing.any():
+        item_rows = np.repeat(np.arange(len(column)), np.diff(offsets))
+        flag(np.bincount(item_rows[missing], minlength=len(column)) > 0,
+             lambda r: f"column {name!r} (bag) has a missing item in its list, expected values only")
+    # Text "a||b" and "" hold no empty item: separators only separate.
+    empty = pc.equal(pc.binary_length(items), 0).to_numpy(zero_copy_only=False) if _is_text(items.type) else False
+    dropped = missing | empty
+    if np.any(dropped):
+        items = items.filter(pa.array(~dropped))
+        offsets = np.concatenate([[0], np.cumsum(~dropped)])[offsets]
+    dictionary, indices = _dictionary(items)
+    return dictionary, indices, offsets
+
+
+def _dense(column, name, flag):
+    if _is_text(column.type):
+        valid = pc.match_substring_regex(column, _NUMBER)
+        text = pc.cast(pc.if_else(valid, column, pa.scalar(b"0", column.type) if pa.types.is_binary(column.type)
+                                  else "0"), pa.string())
+        values = pc.cast(pc.utf8_trim_whitespace(text), pa.float64())
+        valid = valid.to_numpy(zero_copy_only=False)
+    elif pa.types.is_integer(column.type) or pa.types.is_floating(column.type):
+        values = pc.cast(column, pa.float64())
+        valid = column.is_valid().to_numpy(zero_copy_only=False)
+    else:
+        raise ValueError(f"column {name!r} (dense) is of type {column.type}; expected numbers")
+    values = values.fill_null(0).to_numpy(zero_copy_only=False)
+    valid &= np.isfinite(values) & (np.abs(values) <= np.finfo(np.float32).max)
+    if not valid.all():
+        flag(~valid, lambda r: f"column {name!r} (dense) is {_shown(column[r].as_py())}, expected a finite number")
+    return np.where(valid, values, 0).astype(np.float32)
+
+
+def _keep_rows(chunk, problems, on_error, room):
+    """The table rows to encode (int64 indices, in order); raises on, or counts, the malformed lines
+    up to the last row kept (``room``: how many rows may still be kept, None for all)."""
+    good = np.arange(chunk.table.num_rows)
+    if chunk.bad_rows:
+        good = np.setdiff1d(good, list(chunk.bad_rows), assume_unique=True)
+    found = chunk.dropped + [(int(chunk.positions[row]), problem) for row, problem in chunk.bad_rows.items()]
+    if room is not None and len(good) > room:
+        good = good[:room]
+        found = [(line, problem) for line, problem in found if line <= chunk.positions[good[-1]]]
+    if found:
+        line, problem = min(found, key=lambda item: item[0])
+        where = f"{chunk.source}, {chunk.unit} {line}: {problem if isinstance(problem, str) else problem()}"
+        if on_error == "raise":
+            raise ValueError(f"{where} (pass on_error='skip' to skip malformed {chunk.unit}s)")
+        problems.first = problems.first or where
+        problems.skipped += len(found)
+        problems.unit = chunk.unit
+    return good
+
+
+def _skip_summary(problems):
+    return f"skipped {problems.skipped} malformed {problems.unit}s; the first: {problems.first}"
+
+
+def _write_cache_entry(output_dir, data, params, problems):
+    x = np.lib.format.open_memmap(output_dir / "x.npy", "w+", np.int32, tuple(data.x.shape))
+    for start in range(0, len(x), _REMAP_ROWS):  # in blocks: no int32 copy of the whole table
+        x[start:start + _REMAP_ROWS] = data.x[start:start + _REMAP_ROWS].numpy()
+    x.flush()
+    del x
+    np.save(output_dir / "y.npy", data.y.numpy())
+    for b, bag in enumerate(data.bags):
+        np.save(output_dir / f"bag{b}_values.npy", bag.values.numpy().astype(np.int32))
+        np.save(output_dir / f"bag{b}_offsets.npy", bag.offsets.numpy())
+    if data.dense is not None:
+        np.save(output_dir / "dense.npy", data.dense.numpy())
+    for scratch in output_dir.glob("*.provisional"):
+        scratch.unlink()
+    meta = {
+        "params": params,
+        "field_names": data.field_names,
+        "field_dims": data.field_dims,
+        "bags": [[bag.name, bag.num_values] for bag in data.bags],
+        "dense_names": data.dense_names,
+        "num_rows": len(data),
+        "skipped_lines": problems.skipped,
+        "first_skipped": problems.first,
+        "skipped_unit": problems.unit,
+    }
+    (output_dir / "meta.json").write_text(json.dumps(meta, indent=1))
 
 
 def _load_cache_entry(entry, params):
@@ -240,16 +740,26 @@ def _load_cache_entry(entry, params):
         meta = json.loads(meta_path.read_text())
         if meta["params"] != params:
             return None
-        x = np.load(entry / "x.npy")
+        n = meta["num_rows"]
+        stored = np.load(entry / "x.npy", mmap_mode="r")
         y = np.load(entry / "y.npy")
-        if x.shape != (meta["num_rows"], len(meta["field_dims"])) or y.shape != (meta["num_rows"],):
-            raise ValueError(f"arrays of shape {x.shape} and {y.shape} do not match the metadata")
-        data = CTRData(torch.from_numpy(x.astype(np.int64)), torch.from_numpy(y), meta["field_dims"],
-                       meta["field_names"], skipped_lines=meta["skipped_lines"])
+        if stored.shape != (n, len(meta["field_dims"])) or y.shape != (n,):
+            raise ValueError(f"arrays of shape {stored.shape} and {y.shape} do not match the metadata")
+        x = np.empty(stored.shape, np.int64)
+        for start in range(0, n, _REMAP_ROWS):  # in blocks: no int64 copy beside a whole int32 array
+            x[start:start + _REMAP_ROWS] = stored[start:start + _REMAP_ROWS]
+        del stored
+        bags = [BagField(name, num_values, torch.from_numpy(np.load(entry / f"bag{b}_values.npy").astype(np.int64)),
+                         torch.from_numpy(np.load(entry / f"bag{b}_offsets.npy")))
+                for b, (name, num_values) in enumerate(meta["bags"])]
+        dense = torch.from_numpy(np.load(entry / "dense.npy")) if meta["dense_names"] else None
+        data = CTRData(torch.from_numpy(x), torch.from_numpy(y), meta["field_dims"],
+                       meta["field_names"], skipped_lines=meta["skipped_lines"], bags=bags, dense=dense,
+                       dense_names=meta["dense_names"])
     except (OSError, ValueError, KeyError, TypeError) as error:
         warnings.warn(f"ignoring unreadable cache entry {entry}: {error}", stacklevel=4)
         return None
     if data.skipped_lines:
-        summary = _skip_summary(_ReadStats(skipped=data.skipped_lines, first_problem=meta["first_skipped"]))
+        summary = _skip_summary(_Problems(data.skipped_lines, meta["first_skipped"], meta["skipped_unit"]))
         warnings.warn(f"{summary} (when the cache entry {entry} was built)", stacklevel=4)
     return data
