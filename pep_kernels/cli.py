@@ -6,11 +6,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-DATASETS = "synthetic[=N] | ml-100k | ml-100k-noids | ml-1m=DIR | criteo=FILE | avazu=FILE"
+DATASETS = "synthetic[=N] | ml-100k | ml-100k-noids | ml-1m=DIR | criteo=FILE | avazu=FILE | table=FILE"
+ENCODED = ("criteo", "avazu", "table")  # datasets read by the column-wise encoder: --min-count, --on-error, a cache
+TABLE_OPTIONS = ("label", "numeric", "bag", "bag_separator", "dense", "ignore")
 
 
-def load_data(spec, seed=0, cache_dir=None):
-    """A dataset named on the command line (see DATASETS)."""
+def load_data(spec, seed=0, cache_dir=None, *, label=None, numeric=(), bag=(), bag_separator="|", dense=(),
+              ignore=(), min_count=None, on_error="raise"):
+    """A dataset named on the command line (see DATASETS); the keywords are its data options."""
     from . import data
 
     name, _, path = spec.partition("=")
@@ -18,16 +21,27 @@ def load_data(spec, seed=0, cache_dir=None):
         if path and not path.isdigit():
             raise ValueError(f"synthetic=N needs a number of examples, got {path!r}")
         return data.synthetic_ctr_data(int(path or 100_000), seed)
+    encoded = dict(min_count=10 if min_count is None else min_count, cache_dir=cache_dir, on_error=on_error)
     loaders = {
         "ml-100k": lambda: data.load_movielens_100k(include_ids=True),
         "ml-100k-noids": lambda: data.load_movielens_100k(include_ids=False),
         "ml-1m": lambda: data.load_movielens_1m(path),
-        "criteo": lambda: data.load_criteo(path, cache_dir=cache_dir),
-        "avazu": lambda: data.load_avazu(path, cache_dir=cache_dir),
+        "criteo": lambda: data.load_criteo(path, **encoded),
+        "avazu": lambda: data.load_avazu(path, **encoded),
+        "table": lambda: data.load_table(path, label, numeric=numeric, bags=bag, dense=dense, ignore=ignore,
+                                         bag_separator=bag_separator, **encoded),
     }
-    if name not in loaders or bool(path) != (name in ("ml-1m", "criteo", "avazu")):
+    if name not in loaders or bool(path) != (name in ("ml-1m", *ENCODED)):
         raise ValueError(f"unknown dataset {spec!r}; expected one of: {DATASETS}")
+    if name == "table" and label is None:
+        raise ValueError("table=FILE needs --label COL, the column of 0/1 labels")
     return loaders[name]()
+
+
+def _load(args):
+    """The dataset of a command's --data and data options."""
+    return load_data(args.data, args.seed, args.cache_dir, min_count=args.min_count, on_error=args.on_error,
+                     **{name: getattr(args, name) for name in TABLE_OPTIONS})
 
 
 def log(message):
@@ -39,13 +53,38 @@ def _splits(args):
     """The dataset's field sizes and its (x, y) train, validation and test splits."""
     from .data import split
 
-    data = load_data(args.data, args.seed, args.cache_dir)
+    data = _load(args)
     return data.field_dims, [(part.x, part.y) for part in split(data, args.seed)]
 
 
+def _data_options(parser, required=True):
+    parser.add_argument("--data", required=required,
+                        help=f"{DATASETS}; table=FILE: a CSV or TSV file with a header line (.gz, .bz2, .zst, .lz4 "
+                             "too), a Parquet file or a folder of Parquet parts, with --label")
+    parser.add_argument("--cache-dir", type=Path,
+                        help="where criteo, avazu and table data keep their encoded arrays (reused while the file "
+                             "and the options stay the same)")
+    parser.add_argument("--min-count", type=int,
+                        help="criteo, avazu, table: values seen fewer times share one id (default 10)")
+    parser.add_argument("--on-error", default="raise", choices=["raise", "skip"],
+                        help="criteo, avazu, table: a malformed line or row ends the command (raise, the default) "
+                             "or is skipped and counted (skip)")
+    table = parser.add_argument_group(
+        "table=FILE columns", "every column but the label is a categorical field unless named below")
+    table.add_argument("--label", metavar="COL", help="the column of 0/1 labels (required with table=FILE)")
+    table.add_argument("--numeric", nargs="+", default=[], metavar="COL",
+                       help="integer columns, bucketed as Criteo's I1-I13 (int(ln(v)^2)); empty is a bucket")
+    table.add_argument("--ignore", nargs="+", default=[], metavar="COL", help="columns not read")
+    table.add_argument("--bag", nargs="+", default=[], metavar="COL",
+                       help="multi-hot columns (values separated by --bag-separator, or Parquet lists), for models "
+                            "with an EmbeddingBag (the built-in models take single-id fields only)")
+    table.add_argument("--bag-separator", default="|", metavar="SEP", help="between the values of a --bag column")
+    table.add_argument("--dense", nargs="+", default=[], metavar="COL",
+                       help="numbers kept as they are, for models with a bottom MLP (not the built-in models)")
+
+
 def _common(parser, epochs):
-    parser.add_argument("--data", required=True, help=DATASETS)
-    parser.add_argument("--cache-dir", type=Path, help="where big datasets keep their encoded arrays")
+    _data_options(parser)
     parser.add_argument("--epochs", type=int, default=epochs)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--weight-decay", type=float, default=1e-5)
@@ -152,7 +191,7 @@ def cmd_bench(args):
 def cmd_demo(args):
     from .demo import run_demo
 
-    data = None if args.data is None else (load_data(args.data, args.seed), args.data)
+    data = None if args.data is None else (_load(args), args.data)
     run_demo(out_dir=args.out, data=data, model=args.model, epochs=args.epochs, device=args.device,
              backend=args.backend, seed=args.seed)
 
@@ -230,7 +269,7 @@ def main(argv=None):
 
     p = commands.add_parser("demo", help="baseline, PEP search and retrain on MovieLens-100K (or synthetic data)")
     p.add_argument("--out", type=Path, default=Path("pep-demo"), help="output folder (default: pep-demo)")
-    p.add_argument("--data", help=f"{DATASETS} (default: ml-100k when recbole is installed, else synthetic)")
+    _data_options(p, required=False)
     p.add_argument("--model", default="fm", choices=sorted(MODELS))
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--device", default="cpu")
@@ -255,14 +294,12 @@ def _check_options(parser, args):
     def fail(message):
         parser.exit(2, f"pep {args.command}: error: {message}\n")
 
-    def option(name):
-        return "--" + name.replace("_", "-")
-
     if getattr(args, "epochs", 1) < 0 or (args.command != "evaluate" and getattr(args, "epochs", 1) < 1):
         fail(f"--epochs must be >= 1, got {args.epochs}")
     for name in ("batch_size", "embedding_dim", "count_every", "patience", "checkpoint_every"):
         if getattr(args, name, 1) < 1:
             fail(f"{option(name)} must be >= 1, got {getattr(args, name)}")
+    _check_data_options(args, fail)
     if getattr(args, "min_occurrences", 0) < 0:
         fail(f"--min-occurrences must be >= 0, got {args.min_occurrences}")
     if getattr(args, "seed", 0) < 0:
@@ -296,6 +333,35 @@ def _check_options(parser, args):
         fail(f"{option(name)} {path}: " + ("is a file, expected a folder" if path.exists() else "no such folder"))
     if args.command == "export" and args.out.is_dir():
         fail(f"--out {args.out}: is a folder, expected the store file to write")
+
+
+def _check_data_options(args, fail):
+    """Data options that do not fit the dataset, or that the built-in models cannot use."""
+    if not hasattr(args, "data"):
+        return
+    name = (args.data or "").partition("=")[0]
+    given = [name for name in TABLE_OPTIONS if getattr(args, name) not in (None, [], "|")]
+    if given and name != "table":
+        fail(f"{', '.join(option(g) for g in given)} name columns of table=FILE, not of "
+             f"{'--data ' + args.data if args.data else 'the default dataset'}")
+    encoded_given = [option(o) for o in ("min_count", "on_error") if getattr(args, o) not in (None, "raise")]
+    if encoded_given and name not in ENCODED:
+        fail(f"{', '.join(encoded_given)} apply to {', '.join(ENCODED)} data, not to "
+             f"{'--data ' + args.data if args.data else 'the default dataset'}")
+    if args.min_count is not None and args.min_count < 1:
+        fail(f"--min-count must be >= 1, got {args.min_count}")
+    if args.bag:
+        fail(f"the built-in models take single-id fields only, and --bag {' '.join(args.bag)} are multi-hot: load "
+             "them with pep_kernels.data.load_table(..., bags=[...]) for a model with an EmbeddingBag, or read "
+             "each list as one categorical value (leave out --bag), or --ignore them")
+    if args.dense:
+        fail(f"the built-in models take single-id fields only, and --dense {' '.join(args.dense)} are raw numbers: "
+             "load them with pep_kernels.data.load_table(..., dense=[...]) for a model with a bottom MLP, or "
+             "bucketize integer columns with --numeric, or --ignore them")
+
+
+def option(name):
+    return "--" + name.replace("_", "-")
 
 
 if __name__ == "__main__":
