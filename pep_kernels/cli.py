@@ -103,10 +103,11 @@ def cmd_search(args):
                    threshold_init=args.threshold_init, threshold_slope=args.threshold_slope)
     if args.pruning == "faithful" and args.steps is not None:
         raise ValueError("--steps plans the budget pruning; --pruning faithful has no plan")
+    training, count_every = _table_training(spec.num_embeddings * spec.embedding_dim, args.training, args.count_every)
     summary = search(spec, x, y, args.out, args.budgets, epochs=args.epochs, lr=args.lr,
                      weight_decay=args.weight_decay, batch_size=args.batch_size, seed=args.seed,
-                     device=args.device, backend=args.backend, training=args.training,
-                     count_every=args.count_every, pruning=args.pruning, steps=args.steps,
+                     device=args.device, backend=args.backend, training=training,
+                     count_every=count_every, pruning=args.pruning, steps=args.steps,
                      min_occurrences=args.min_occurrences, log=log)
     for snap in summary["snapshots"]:
         print(f"step {snap['step']:>7}  non-zeros {snap['nnz']:>10}  sparsity {snap['sparsity']:.2%}  {snap['path']}")
@@ -115,6 +116,24 @@ def cmd_search(args):
     print(f"plot: {args.out / 'planned_vs_reached.png'}")
     if summary["unreached"]:
         print(f"budgets not reached in {args.epochs} epochs: {summary['unreached']}")
+
+
+# Above this many table entries a step that updates every row (faithful training) and reads the
+# whole table to count it costs a multiple of one that touches the looked-up rows (1.7x on a
+# 193K x 16 FM table, issue 26); below, the published recipe's settings cost little.
+LARGE_TABLE_ENTRIES = 1_000_000
+LARGE_TABLE_COUNT_EVERY = 20
+
+
+def _table_training(entries, training, count_every):
+    """--training and --count-every, with their defaults for a table of `entries` entries."""
+    large = entries > LARGE_TABLE_ENTRIES
+    chosen = (training or ("fast" if large else "faithful"),
+              count_every or (LARGE_TABLE_COUNT_EVERY if large else 1))
+    if large and (training is None or count_every is None):
+        log(f"a table of {entries:,} entries: --training {chosen[0]} --count-every {chosen[1]} (the defaults above "
+            f"{LARGE_TABLE_ENTRIES:,} entries; faithful training updates and counting reads every row)")
+    return chosen
 
 
 def cmd_retrain(args):
@@ -226,10 +245,13 @@ def main(argv=None):
                         "dimensions first and the kept ones line up across rows (per-dimension modes; 1 with "
                         "--threshold-init -30 is the recommended setting for FM)")
     p.add_argument("--backend", default="auto", choices=["auto", "triton", "cpu"])
-    p.add_argument("--training", default="faithful", choices=["faithful", "fast"],
+    p.add_argument("--training", choices=["faithful", "fast"],
                    help="table updates: every row every step (the published recipe) or looked-up rows with "
-                        "skipped steps replayed (same numbers)")
-    p.add_argument("--count-every", type=int, default=1, help="count non-zeros every N steps")
+                        "skipped steps replayed (same numbers); default: faithful up to "
+                        f"{LARGE_TABLE_ENTRIES:,} table entries, fast above")
+    p.add_argument("--count-every", type=int,
+                   help=f"count non-zeros every N steps (default: 1 up to {LARGE_TABLE_ENTRIES:,} table entries, "
+                        f"{LARGE_TABLE_COUNT_EVERY} above)")
     p.set_defaults(handler=cmd_search)
 
     p = commands.add_parser("retrain", help="lottery-ticket retrain of a run's snapshots")
@@ -297,7 +319,7 @@ def _check_options(parser, args):
     if getattr(args, "epochs", 1) < 0 or (args.command != "evaluate" and getattr(args, "epochs", 1) < 1):
         fail(f"--epochs must be >= 1, got {args.epochs}")
     for name in ("batch_size", "embedding_dim", "count_every", "patience", "checkpoint_every"):
-        if getattr(args, name, 1) < 1:
+        if getattr(args, name, None) is not None and getattr(args, name) < 1:
             fail(f"{option(name)} must be >= 1, got {getattr(args, name)}")
     _check_data_options(args, fail)
     if getattr(args, "min_occurrences", 0) < 0:

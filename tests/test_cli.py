@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pep_kernels.cli import load_data, main
+from pep_kernels.cli import LARGE_TABLE_COUNT_EVERY, LARGE_TABLE_ENTRIES, _table_training, load_data, main
 from pep_kernels.data import synthetic_ctr_data
 
 DATA = ["--data", "synthetic=3000"]
@@ -103,6 +103,16 @@ def test_demo_on_a_csv_table_with_a_cache(tmp_path, capsys):
     assert json.loads((tmp_path / "demo" / "demo.json").read_text())["data"] == f"table={path}"
     (entry,) = (tmp_path / "cache").iterdir()
     assert entry.name.startswith("table-clicks.csv-") and (entry / "x.npy").exists()
+
+
+def test_large_tables_default_to_fast_training_and_sparser_counts(capsys):
+    assert _table_training(LARGE_TABLE_ENTRIES, None, None) == ("faithful", 1)
+    assert capsys.readouterr().err == ""
+    assert _table_training(LARGE_TABLE_ENTRIES + 1, None, None) == ("fast", LARGE_TABLE_COUNT_EVERY)
+    assert "--training fast --count-every 20 (the defaults above 1,000,000 entries" in capsys.readouterr().err
+    assert _table_training(LARGE_TABLE_ENTRIES + 1, "faithful", 1) == ("faithful", 1)
+    assert capsys.readouterr().err == ""  # both given: nothing chosen for the user
+    assert _table_training(10, "fast", None) == ("fast", 1)
 
 
 @pytest.mark.parametrize("spec", ["nope", "criteo", "synthetic=abc", "ml-100k=extra"])
