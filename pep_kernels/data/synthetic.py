@@ -69,8 +69,10 @@ _LATENT_DIM = 4
 class _CriteoLikeModel:
     """The planted model of `write_criteo_like_file`: every distinct value has a weight, the values
     of _INTERACTING_FIELDS a latent vector (pairwise dot products, as in an FM), and the integer
-    columns a weight on their standardized log. Rare values have weights too, which no model can
-    learn from the few lines that show them."""
+    columns a weight on their standardized log. Weights and vectors shrink with a value's
+    frequency rank r, by 1 / (1 + r / 100): frequent values carry most of the signal and keep
+    all their dimensions, rare ones little (a table can prune them), and no model learns them
+    from the few lines that show them."""
 
     def __init__(self, rng):
         self.cumulative, self.rank_to_value, self.weights, self.latent, self.hashes = [], [], [], {}, []
@@ -78,9 +80,10 @@ class _CriteoLikeModel:
             p = np.arange(1, size + 1, dtype=np.float64) ** -exponent
             self.cumulative.append(np.cumsum(p / p.sum()))
             self.rank_to_value.append(rng.permutation(size))  # which value has which frequency rank
-            self.weights.append(rng.normal(0, rng.uniform(0.1, 0.8), size).astype(np.float32))
+            shrink = (1 + np.arange(size) / 100) ** -1.0  # by frequency rank; weights are indexed by rank
+            self.weights.append((rng.normal(0, rng.uniform(0.1, 0.8), size) * shrink).astype(np.float32))
             if f in _INTERACTING_FIELDS:
-                self.latent[f] = rng.normal(0, 0.5, (size, _LATENT_DIM)).astype(np.float32)
+                self.latent[f] = (rng.normal(0, 0.5, (size, _LATENT_DIM)) * shrink[:, None]).astype(np.float32)
             # Criteo's tokens are 8 hex digits; an odd multiplier mod 2^32 keeps distinct values distinct.
             self.hashes.append(((np.arange(size, dtype=np.uint64) * 2654435761 + 97 * f + 12345) % 2**32))
         self.integer_weights = rng.normal(0, 0.3, len(_CRITEO_LIKE_INTEGER_MISSING))
@@ -96,9 +99,9 @@ class _CriteoLikeModel:
         for f in range(len(_CRITEO_LIKE_CATEGORICAL)):
             ranks = np.minimum(np.searchsorted(self.cumulative[f], rng.random(n)), len(self.cumulative[f]) - 1)
             values[:, f] = self.rank_to_value[f][ranks]
-            logit += self.weights[f][values[:, f]]
+            logit += self.weights[f][ranks]
             if f in self.latent:
-                v = self.latent[f][values[:, f]]
+                v = self.latent[f][ranks]
                 latent_sum += v
                 latent_sq += (v * v).sum(1)
         logit += 0.5 * ((latent_sum**2).sum(1) - latent_sq)
