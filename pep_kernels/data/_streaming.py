@@ -45,7 +45,7 @@ _CACHE_VERSION = 2
 CHUNK_BYTES = 64 << 20
 PARQUET_BATCH_ROWS = 1 << 17
 _PARSE_BLOCK_BYTES = 4 << 20  # the CSV reader's threads each parse blocks of this size
-_REMAP_ROWS = 1 << 20  # rows per block when the provisional ids are mapped to the final ones
+_BLOCK_ROWS = 1 << 14  # rows per block when ids are remapped or copied: a block of a (n, F) table stays in cache
 _PENDING_ROWS = 1 << 23  # rows of a field whose values may wait to be merged into its vocabulary
 _NUMBER = r"^\s*[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?\s*$"
 
@@ -271,18 +271,16 @@ class _Vocabulary:
         if self.pending:
             self._merge()
         self.scratch.close()
-        values, counts = self.values, self.counts
+        values, counts = self.values, np.append(self.counts, self.missing)
         if self.missing:
             values = pa.concat_arrays([values, pa.nulls(1, values.type)])
-            counts = np.append(counts, self.missing)
-        order = pc.sort_indices(pa.table({"count": counts, "value": values}),
+        frequent = np.flatnonzero(counts >= min_count)  # only they need an order: the rare share one id
+        order = pc.sort_indices(pa.table({"count": counts[frequent], "value": values.take(pa.array(frequent))}),
                                 sort_keys=[("count", "descending"), ("value", "ascending")]).to_numpy()
-        rank = np.empty(len(counts), np.int64)
-        rank[order] = np.arange(len(counts))
-        frequent = int((counts >= min_count).sum())  # they sort first: every rare count is lower
+        final = np.full(len(counts), len(frequent), np.int64)
+        final[frequent[order]] = np.arange(len(frequent))
         rare = bool(((counts > 0) & (counts < min_count)).any())  # values of skipped rows only have count 0
-        final = np.minimum(rank, frequent)
-        return (final if self.missing else np.append(final, 0)), frequent + rare
+        return final, len(frequent) + rare
 
     def provisional_ids(self):
         """The provisional id of every row, in row order (memory-mapped scratch file)."""
@@ -337,11 +335,11 @@ def _encode(path, files, name, roles, text_format, params, scratch, output_dir):
         for vocabulary in vocabularies:
             vocabulary.close()
     x = np.empty((num_rows, len(fields)), np.int64)
-    for f in range(len(fields)):
-        final, provisional = maps[f][0], vocabularies[f].provisional_ids()
-        for start in range(0, num_rows, _REMAP_ROWS):
-            x[start:start + _REMAP_ROWS, f] = final[provisional[start:start + _REMAP_ROWS]]
-        del provisional
+    provisional = [vocabulary.provisional_ids() for vocabulary in vocabularies[:len(fields)]]
+    for start in range(0, num_rows, _BLOCK_ROWS):  # each block stays in cache while its fields are written
+        for f, (final, _) in enumerate(maps[:len(fields)]):
+            x[start:start + _BLOCK_ROWS, f] = final[provisional[f][start:start + _BLOCK_ROWS]]
+    del provisional
     bags = []
     for b, bag in enumerate(roles.bags):
         final, num_values = maps[len(fields) + b]
@@ -612,7 +610,8 @@ def _dictionary(column):
     """(distinct values (pa.Array), int32 index of each row's value; len(values) for a missing one)."""
     if not pa.types.is_dictionary(column.type):
         column = pc.dictionary_encode(column)
-    return column.dictionary, column.indices.fill_null(len(column.dictionary)).to_numpy()
+    indices = column.indices if column.null_count == 0 else column.indices.fill_null(len(column.dictionary))
+    return column.dictionary, indices.to_numpy()
 
 
 def _label_value(value):
@@ -705,8 +704,8 @@ def _skip_summary(problems):
 
 def _write_cache_entry(output_dir, data, params, problems):
     x = np.lib.format.open_memmap(output_dir / "x.npy", "w+", np.int32, tuple(data.x.shape))
-    for start in range(0, len(x), _REMAP_ROWS):  # in blocks: no int32 copy of the whole table
-        x[start:start + _REMAP_ROWS] = data.x[start:start + _REMAP_ROWS].numpy()
+    for start in range(0, len(x), _BLOCK_ROWS):  # in blocks: no int32 copy of the whole table
+        x[start:start + _BLOCK_ROWS] = data.x[start:start + _BLOCK_ROWS].numpy()
     x.flush()
     del x
     np.save(output_dir / "y.npy", data.y.numpy())
@@ -746,8 +745,8 @@ def _load_cache_entry(entry, params):
         if stored.shape != (n, len(meta["field_dims"])) or y.shape != (n,):
             raise ValueError(f"arrays of shape {stored.shape} and {y.shape} do not match the metadata")
         x = np.empty(stored.shape, np.int64)
-        for start in range(0, n, _REMAP_ROWS):  # in blocks: no int64 copy beside a whole int32 array
-            x[start:start + _REMAP_ROWS] = stored[start:start + _REMAP_ROWS]
+        for start in range(0, n, _BLOCK_ROWS):  # in blocks: no int64 copy beside a whole int32 array
+            x[start:start + _BLOCK_ROWS] = stored[start:start + _BLOCK_ROWS]
         del stored
         bags = [BagField(name, num_values, torch.from_numpy(np.load(entry / f"bag{b}_values.npy").astype(np.int64)),
                          torch.from_numpy(np.load(entry / f"bag{b}_offsets.npy")))
