@@ -20,11 +20,11 @@ import os
 import re
 import shutil
 import tempfile
-import threading
 import warnings
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from queue import Empty, Full, Queue
 
 import numpy as np
 import pyarrow as pa
@@ -41,11 +41,11 @@ ON_ERROR_CHOICES = ("raise", "skip")
 # Bump when the encoding changes, so caches written by older code are not reused.
 _CACHE_VERSION = 2
 # Text per chunk: large enough that per-chunk Python work is small next to the C++ work, small
-# enough that the chunks in flight (one parsing, one queued, one encoding) stay a few hundred MB.
-CHUNK_BYTES = 64 << 20
+# enough that the chunks in flight (two parsing, one parsed, one encoding) stay a few hundred MB.
+CHUNK_BYTES = 32 << 20
 PARQUET_BATCH_ROWS = 1 << 17
-_PARSE_BLOCK_BYTES = 4 << 20  # the CSV reader's threads each parse blocks of this size
-_BLOCK_ROWS = 1 << 14  # rows per block when ids are remapped or copied: a block of a (n, F) table stays in cache
+_PARSE_BLOCK_BYTES = 4 << 20  # the CSV reader parses a chunk in blocks of this size
+_BLOCK_ROWS = 1 << 14  # rows per block when ids are remapped, written or read (a few MB: in cache)
 _PENDING_ROWS = 1 << 23  # rows of a field whose values may wait to be merged into its vocabulary
 _NUMBER = r"^\s*[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?\s*$"
 
@@ -282,12 +282,6 @@ class _Vocabulary:
         rare = bool(((counts > 0) & (counts < min_count)).any())  # values of skipped rows only have count 0
         return final, len(frequent) + rare
 
-    def provisional_ids(self):
-        """The provisional id of every row, in row order (memory-mapped scratch file)."""
-        if not self.scratch_path.stat().st_size:  # np.memmap cannot map an empty file
-            return np.zeros(0, np.int32)
-        return np.memmap(self.scratch_path, np.int32, "r")
-
     def close(self):
         self.scratch.close()
 
@@ -335,16 +329,13 @@ def _encode(path, files, name, roles, text_format, params, scratch, output_dir):
         for vocabulary in vocabularies:
             vocabulary.close()
     x = np.empty((num_rows, len(fields)), np.int64)
-    provisional = [vocabulary.provisional_ids() for vocabulary in vocabularies[:len(fields)]]
-    for start in range(0, num_rows, _BLOCK_ROWS):  # each block stays in cache while its fields are written
-        for f, (final, _) in enumerate(maps[:len(fields)]):
-            x[start:start + _BLOCK_ROWS, f] = final[provisional[f][start:start + _BLOCK_ROWS]]
-    del provisional
+    _write_final_ids(vocabularies[:len(fields)], [final for final, _ in maps[:len(fields)]], x)
     bags = []
     for b, bag in enumerate(roles.bags):
         final, num_values = maps[len(fields) + b]
-        values = final[vocabularies[len(fields) + b].provisional_ids()]
         offsets = np.concatenate([[0], np.cumsum(np.concatenate(bag_lengths[b]))]).astype(np.int64)
+        values = np.empty(offsets[-1], np.int64)
+        _write_final_ids([vocabularies[len(fields) + b]], [final], values[:, None])
         # max(.., 1): a bag column whose every bag is empty still has a valid (unused) id range
         bags.append(BagField(bag, max(num_values, 1), torch.from_numpy(values), torch.from_numpy(offsets)))
     if problems.skipped:
@@ -359,27 +350,46 @@ def _encode(path, files, name, roles, text_format, params, scratch, output_dir):
     return data
 
 
+def _write_final_ids(vocabularies, finals, out):
+    """out[i, f] = finals[f][provisional id of row i in vocabularies[f]], a block of rows at a time:
+    the block stays in cache while its columns are written, and the scratch files are read in
+    blocks, not memory-mapped (mapped pages count in the process's memory, which would then grow
+    with the file)."""
+    files = [open(vocabulary.scratch_path, "rb") for vocabulary in vocabularies]
+    try:
+        for start in range(0, len(out), _BLOCK_ROWS):
+            block = out[start:start + _BLOCK_ROWS]
+            for f, (file, final) in enumerate(zip(files, finals)):
+                block[:, f] = final[np.fromfile(file, np.int32, len(block))]
+    finally:
+        for file in files:
+            file.close()
+
+
 def _open_chunks(path, files, name, roles, text_format):
-    """(the single-id fields, an iterator of _Chunk read on a worker thread)."""
+    """(the single-id fields, an iterator of _Chunk parsed on worker threads)."""
     if text_format is None:
         fields = roles.single_id_fields(pq.ParquetFile(files[0]).schema_arrow.names, files[0])
-        return fields, _in_background(_parquet_chunks(files, roles.needed(fields), [*roles.bags, *roles.dense]))
+        needed = roles.needed(fields)
+        encode = functools.partial(_encode_parquet_batch, dictionary_columns=needed[:len(fields) + 1])
+        return fields, _parallel_in_order(encode, _parquet_batches(files, needed))
     stream = pa.input_stream(str(path), compression="detect")
     try:
+        head = None
         if text_format.column_names is None:
             head = stream.read(CHUNK_BYTES)
             end = head.find(b"\n") + 1 or len(head)
             columns = _header_columns(head[:end], text_format, path)
-            head, first_line = head[end:], 2
+            head = head[end:]
         else:
-            columns, head, first_line = list(text_format.column_names), b"", 1
+            columns = list(text_format.column_names)
         fields = roles.single_id_fields(columns, path)
     except BaseException:
         stream.close()
         raise
-    chunks = _text_chunks(stream, head, path, text_format, columns, roles.needed(fields), [*roles.bags, *roles.dense],
-                          first_line)
-    return fields, _in_background(chunks)
+    parse = functools.partial(_parse_text, path=path, text_format=text_format, columns=columns,
+                              needed=roles.needed(fields), bags_and_dense=[*roles.bags, *roles.dense])
+    return fields, _parallel_in_order(parse, _text_chunks(stream, head))
 
 
 def _header_columns(header, text_format, path):
@@ -401,35 +411,38 @@ def _header_columns(header, text_format, path):
     return columns
 
 
-def _text_chunks(stream, head, path, text_format, columns, needed, bags_and_dense, first_line):
-    """Chunks of whole lines, parsed; line numbers count from the top of the file (header included)."""
+def _text_chunks(stream, head):
+    """(first line number, bytes, is the last chunk) of chunks of whole lines; the first line number
+    counts from the top of the file, header included."""
+    first_line = 2 if head is not None else 1
     with stream:
-        carry = head
+        carry = head or b""
         while True:
             block = stream.read(CHUNK_BYTES)
             data = carry + block
             if not block:
                 if data:
-                    yield _parse_text(data, first_line, path, text_format, columns, needed, bags_and_dense, last=True)
+                    yield first_line, data, True
                 return
             end = data.rfind(b"\n") + 1
             if end == 0:
                 carry = data
                 continue
             carry = data[end:]
-            yield _parse_text(data[:end], first_line, path, text_format, columns, needed, bags_and_dense, last=False)
+            yield first_line, data[:end], False
             first_line += data.count(b"\n", 0, end)
 
 
-def _parse_text(data, first_line, path, text_format, columns, needed, bags_and_dense, last):
-    """One chunk of whole lines as a _Chunk: label and single-id fields dictionary-encoded (by the
-    CSV reader, in C++), bags and dense columns as raw bytes."""
+def _parse_text(raw, path, text_format, columns, needed, bags_and_dense):
+    """A chunk of whole lines (_text_chunks) as a _Chunk: label and single-id fields
+    dictionary-encoded (by the CSV reader, in C++), bags and dense columns as raw bytes."""
+    first_line, data, last = raw
     dropped = []
     wrong_count = f"{text_format.describe()}-separated columns{text_format.columns_hint}"
 
     def on_invalid_row(row):
-        line = None if row.number is None else first_line + row.number - 1  # None from the threaded reader
-        dropped.append((line, f"expected {row.expected_columns} {wrong_count}, found {row.actual_columns}"))
+        dropped.append((first_line + row.number - 1, f"expected {row.expected_columns} {wrong_count}, "
+                                                     f"found {row.actual_columns}"))
         return "skip"
 
     misread = {}  # line -> problem: lines that pyarrow would read differently from "one line, one row"
@@ -456,23 +469,17 @@ def _parse_text(data, first_line, path, text_format, columns, needed, bags_and_d
     types = dict.fromkeys(needed, pa.binary())
     types.update(dict.fromkeys(dictionary_columns, pa.dictionary(pa.int32(), pa.binary())))
 
-    def read(use_threads):
-        dropped.clear()
-        return pacsv.read_csv(
-            pa.py_buffer(data),
-            read_options=pacsv.ReadOptions(column_names=columns, use_threads=use_threads,
-                                           block_size=_PARSE_BLOCK_BYTES if use_threads else len(data) + 1),
-            parse_options=pacsv.ParseOptions(delimiter=text_format.delimiter,
-                                             quote_char='"' if text_format.quoting else False,
-                                             ignore_empty_lines=False, invalid_row_handler=on_invalid_row),
-            convert_options=pacsv.ConvertOptions(include_columns=needed, column_types=types,
-                                                 strings_can_be_null=False, quoted_strings_can_be_null=False),
-        )
-
-    table = read(use_threads=True)
-    if dropped:  # the threaded reader does not number the lines it drops; read this chunk again in one thread
-        table = read(use_threads=False)
-    table = table.unify_dictionaries().combine_chunks()  # one dictionary per column (the blocks each had one)
+    # One thread per chunk (chunks are parsed two at a time), which also numbers the lines it drops;
+    # blocks of a few MB stay in cache, each with its own dictionaries, unified after.
+    table = pacsv.read_csv(
+        pa.py_buffer(data),
+        read_options=pacsv.ReadOptions(column_names=columns, use_threads=False, block_size=_PARSE_BLOCK_BYTES),
+        parse_options=pacsv.ParseOptions(delimiter=text_format.delimiter,
+                                         quote_char='"' if text_format.quoting else False,
+                                         ignore_empty_lines=False, invalid_row_handler=on_invalid_row),
+        convert_options=pacsv.ConvertOptions(include_columns=needed, column_types=types, strings_can_be_null=False,
+                                             quoted_strings_can_be_null=False),
+    ).unify_dictionaries().combine_chunks()
     num_lines = data.count(b"\n") + (0 if data.endswith(b"\n") else 1)
     positions = np.arange(first_line, first_line + num_lines)
     dropped_lines = {line for line, _ in dropped}
@@ -486,8 +493,8 @@ def _parse_text(data, first_line, path, text_format, columns, needed, bags_and_d
     return _Chunk(table, path, "line", positions, dropped, bad_rows)
 
 
-def _parquet_chunks(files, needed, bags_and_dense):
-    """Row batches of the Parquet parts as _Chunk: label and single-id fields dictionary-encoded."""
+def _parquet_batches(files, needed):
+    """(part, first row number, record batch) of the needed columns of every part, in order."""
     for part in files:
         reader = pq.ParquetFile(part)
         missing = [c for c in needed if c not in reader.schema_arrow.names]
@@ -495,72 +502,42 @@ def _parquet_chunks(files, needed, bags_and_dense):
             raise ValueError(f"{part}: no column named {', '.join(map(repr, missing))} (the first part has them)")
         row = 1
         for batch in reader.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=needed):
-            table = pa.Table.from_batches([batch])
-            for name in needed[:len(needed) - len(bags_and_dense)]:
-                column = table.column(name).combine_chunks()
-                if not pa.types.is_dictionary(column.type):
-                    try:
-                        column = pc.dictionary_encode(column)
-                    except pa.ArrowNotImplementedError:
-                        raise ValueError(f"{part}: column {name!r} is a {column.type} column, which cannot be a "
-                                         "categorical field or the label (a list column can be a bag)") from None
-                table = table.set_column(table.schema.get_field_index(name), name, column)
-            yield _Chunk(table, part, "row", np.arange(row, row + batch.num_rows), [], {})
+            yield part, row, batch
             row += batch.num_rows
 
 
-def _in_background(chunks, depth=1):
-    """Iterates ``chunks`` on a worker thread, up to ``depth`` items ahead: the readers parse in
-    C++ without the GIL while the calling thread encodes the previous chunk. Closing the iterator
-    stops the worker."""
-    queue, stop, end = Queue(depth), threading.Event(), object()
-
-    def put(item):
-        while not stop.is_set():
+def _encode_parquet_batch(item, dictionary_columns):
+    """A Parquet record batch as a _Chunk: the label and single-id fields dictionary-encoded."""
+    part, row, batch = item
+    table = pa.Table.from_batches([batch])
+    for name in dictionary_columns:
+        column = table.column(name).combine_chunks()
+        if not pa.types.is_dictionary(column.type):
             try:
-                queue.put(item, timeout=0.1)
-                return True
-            except Full:
-                continue
-        return False
+                column = pc.dictionary_encode(column)
+            except pa.ArrowNotImplementedError:
+                raise ValueError(f"{part}: column {name!r} is a {column.type} column, which cannot be a "
+                                 "categorical field or the label (a list column can be a bag)") from None
+        table = table.set_column(table.schema.get_field_index(name), name, column)
+    return _Chunk(table, part, "row", np.arange(row, row + batch.num_rows), [], {})
 
-    def work():
+
+def _parallel_in_order(function, items, workers=2):
+    """function(item) for each item, on `workers` threads (pyarrow parses without the GIL), yielded
+    in order while the calling thread encodes the previous result; at most workers + 1 items are
+    in flight. Closing the iterator cancels what has not started and waits for what has."""
+    with ThreadPoolExecutor(workers, thread_name_prefix="pep-data-reader") as pool:
+        pending = deque()
         try:
-            for item in chunks:
-                if not put(item):
-                    return
-            put(end)
-        except BaseException as error:  # raised in the calling thread
-            put(_Failure(error))
+            for item in items:
+                pending.append(pool.submit(function, item))
+                if len(pending) > workers:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
         finally:
-            chunks.close()
-
-    def consume():
-        worker = threading.Thread(target=work, name="pep-data-reader", daemon=True)
-        worker.start()  # here, so that an iterator never started has no thread to stop
-        try:
-            while True:
-                try:
-                    item = queue.get(timeout=0.1)
-                except Empty:
-                    if not worker.is_alive() and queue.empty():
-                        raise RuntimeError("the data reader thread ended without a result") from None
-                    continue
-                if item is end:
-                    return
-                if isinstance(item, _Failure):
-                    raise item.error
-                yield item
-        finally:
-            stop.set()
-            worker.join()
-
-    return consume()
-
-
-@dataclass
-class _Failure:
-    error: BaseException
+            for future in pending:
+                future.cancel()
 
 
 def _decode(chunk, roles, fields, numeric):
@@ -703,11 +680,12 @@ def _skip_summary(problems):
 
 
 def _write_cache_entry(output_dir, data, params, problems):
-    x = np.lib.format.open_memmap(output_dir / "x.npy", "w+", np.int32, tuple(data.x.shape))
-    for start in range(0, len(x), _BLOCK_ROWS):  # in blocks: no int32 copy of the whole table
-        x[start:start + _BLOCK_ROWS] = data.x[start:start + _BLOCK_ROWS].numpy()
-    x.flush()
-    del x
+    with open(output_dir / "x.npy", "wb") as file:  # int32, in blocks: no copy of the whole table
+        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.int32)), "fortran_order": False,
+                  "shape": tuple(data.x.shape)}
+        np.lib.format.write_array_header_2_0(file, header)
+        for start in range(0, len(data.x), _BLOCK_ROWS):
+            file.write(data.x[start:start + _BLOCK_ROWS].numpy().astype(np.int32).tobytes())
     np.save(output_dir / "y.npy", data.y.numpy())
     for b, bag in enumerate(data.bags):
         np.save(output_dir / f"bag{b}_values.npy", bag.values.numpy().astype(np.int32))
@@ -730,6 +708,21 @@ def _write_cache_entry(output_dir, data, params, problems):
     (output_dir / "meta.json").write_text(json.dumps(meta, indent=1))
 
 
+def _read_int32_npy_as_int64(path):
+    """An (n, F) int32 .npy file as int64, read in blocks: no int32 copy of the whole table beside it."""
+    with open(path, "rb") as file:
+        version = np.lib.format.read_magic(file)
+        shape, fortran_order, dtype = (np.lib.format.read_array_header_1_0(file) if version == (1, 0)
+                                       else np.lib.format.read_array_header_2_0(file))
+        if dtype != np.int32 or fortran_order or len(shape) != 2:
+            raise ValueError(f"{path} holds a {dtype} array of shape {shape}, expected a C-ordered 2-D int32 one")
+        x = np.empty(shape, np.int64)
+        for start in range(0, shape[0], _BLOCK_ROWS):
+            block = x[start:start + _BLOCK_ROWS]
+            block[...] = np.fromfile(file, np.int32, block.size).reshape(block.shape)
+    return x
+
+
 def _load_cache_entry(entry, params):
     """The CTRData stored in ``entry``, or None when there is no usable entry for ``params``."""
     meta_path = entry / "meta.json"
@@ -740,14 +733,10 @@ def _load_cache_entry(entry, params):
         if meta["params"] != params:
             return None
         n = meta["num_rows"]
-        stored = np.load(entry / "x.npy", mmap_mode="r")
+        x = _read_int32_npy_as_int64(entry / "x.npy")
         y = np.load(entry / "y.npy")
-        if stored.shape != (n, len(meta["field_dims"])) or y.shape != (n,):
-            raise ValueError(f"arrays of shape {stored.shape} and {y.shape} do not match the metadata")
-        x = np.empty(stored.shape, np.int64)
-        for start in range(0, n, _BLOCK_ROWS):  # in blocks: no int64 copy beside a whole int32 array
-            x[start:start + _BLOCK_ROWS] = stored[start:start + _BLOCK_ROWS]
-        del stored
+        if x.shape != (n, len(meta["field_dims"])) or y.shape != (n,):
+            raise ValueError(f"arrays of shape {x.shape} and {y.shape} do not match the metadata")
         bags = [BagField(name, num_values, torch.from_numpy(np.load(entry / f"bag{b}_values.npy").astype(np.int64)),
                          torch.from_numpy(np.load(entry / f"bag{b}_offsets.npy")))
                 for b, (name, num_values) in enumerate(meta["bags"])]
