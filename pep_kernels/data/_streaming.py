@@ -45,7 +45,8 @@ _CACHE_VERSION = 2
 CHUNK_BYTES = 32 << 20
 PARQUET_BATCH_ROWS = 1 << 17
 _PARSE_BLOCK_BYTES = 4 << 20  # the CSV reader parses a chunk in blocks of this size
-_BLOCK_ROWS = 1 << 14  # rows per block when ids are remapped, written or read (a few MB: in cache)
+_BLOCK_ROWS = 1 << 14  # rows per block when the cache's ids are written or read
+_REMAP_BLOCK_ROWS = 1 << 16  # rows per block when provisional ids become final ones
 _PENDING_ROWS = 1 << 23  # rows of a field whose values may wait to be merged into its vocabulary
 _NUMBER = r"^\s*[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?\s*$"
 
@@ -126,6 +127,8 @@ class _Chunk:
     positions: np.ndarray  # (rows,) 1-based line or row number of each table row
     dropped: list  # (position, problem) of lines that are not in the table (a wrong column count)
     bad_rows: dict  # table row -> problem (a str, or a function that writes it): malformed values, empty lines
+    lines: int = 0  # lines of text the chunk holds (text files)
+    decoded: dict = None  # the needed columns, decoded (_decode)
 
 
 @dataclass
@@ -289,7 +292,6 @@ class _Vocabulary:
 def _encode(path, files, name, roles, text_format, params, scratch, output_dir):
     """The one pass, then the final ids; with an output_dir the arrays and their metadata are written there."""
     fields, chunks = _open_chunks(path, files, name, roles, text_format)
-    numeric = set(roles.numeric)
     vocabularies = [_Vocabulary(scratch / f"{i}.provisional", f"column {column!r} of {path}")
                     for i, column in enumerate([*fields, *roles.bags])]
     labels, bag_lengths, dense = [], [[] for _ in roles.bags], []
@@ -298,7 +300,7 @@ def _encode(path, files, name, roles, text_format, params, scratch, output_dir):
     try:
         with tqdm(desc=f"{name} {path.name}: encoding", unit=" rows", mininterval=1, disable=None) as progress:
             for chunk in chunks:
-                columns = _decode(chunk, roles, fields, numeric)
+                columns = chunk.decoded
                 room = None if max_rows is None else max_rows - num_rows
                 keep = _keep_rows(chunk, problems, params["on_error"], room)
                 every_row = len(keep) == chunk.table.num_rows
@@ -351,45 +353,47 @@ def _encode(path, files, name, roles, text_format, params, scratch, output_dir):
 
 
 def _write_final_ids(vocabularies, finals, out):
-    """out[i, f] = finals[f][provisional id of row i in vocabularies[f]], a block of rows at a time:
-    the block stays in cache while its columns are written, and the scratch files are read in
-    blocks, not memory-mapped (mapped pages count in the process's memory, which would then grow
-    with the file)."""
-    files = [open(vocabulary.scratch_path, "rb") for vocabulary in vocabularies]
-    try:
-        for start in range(0, len(out), _BLOCK_ROWS):
-            block = out[start:start + _BLOCK_ROWS]
-            for f, (file, final) in enumerate(zip(files, finals)):
-                block[:, f] = final[np.fromfile(file, np.int32, len(block))]
-    finally:
-        for file in files:
-            file.close()
+    """out[i, f] = finals[f][provisional id of row i in vocabularies[f]], in blocks of rows on two
+    threads (numpy's gathers release the GIL): a block stays in cache while its columns are
+    written, and the scratch files are read in blocks, not memory-mapped (mapped pages count in the
+    process's memory, which would then grow with the file)."""
+    finals = [final.astype(np.int32) for final in finals]  # half the cache lines for the random reads
+
+    def write(start):
+        block = out[start:start + _REMAP_BLOCK_ROWS]
+        for f, (vocabulary, final) in enumerate(zip(vocabularies, finals)):
+            block[:, f] = final[np.fromfile(vocabulary.scratch_path, np.int32, len(block), offset=4 * start)]
+
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(write, range(0, len(out), _REMAP_BLOCK_ROWS)))
 
 
 def _open_chunks(path, files, name, roles, text_format):
-    """(the single-id fields, an iterator of _Chunk parsed on worker threads)."""
+    """(the single-id fields, an iterator of _Chunk parsed and decoded on worker threads)."""
     if text_format is None:
         fields = roles.single_id_fields(pq.ParquetFile(files[0]).schema_arrow.names, files[0])
         needed = roles.needed(fields)
-        encode = functools.partial(_encode_parquet_batch, dictionary_columns=needed[:len(fields) + 1])
-        return fields, _parallel_in_order(encode, _parquet_batches(files, needed))
+        decode = functools.partial(_decode, roles=roles, fields=fields, numeric=set(roles.numeric))
+        read = functools.partial(_parquet_chunk, dictionary_columns=needed[:len(fields) + 1], decode=decode)
+        return fields, _parallel_in_order(read, _parquet_batches(files, needed))
     stream = pa.input_stream(str(path), compression="detect")
     try:
-        head = None
+        head, first_line = None, 1
         if text_format.column_names is None:
             head = stream.read(CHUNK_BYTES)
             end = head.find(b"\n") + 1 or len(head)
             columns = _header_columns(head[:end], text_format, path)
-            head = head[end:]
+            head, first_line = head[end:], 2
         else:
             columns = list(text_format.column_names)
         fields = roles.single_id_fields(columns, path)
     except BaseException:
         stream.close()
         raise
+    decode = functools.partial(_decode, roles=roles, fields=fields, numeric=set(roles.numeric))
     parse = functools.partial(_parse_text, path=path, text_format=text_format, columns=columns,
-                              needed=roles.needed(fields), bags_and_dense=[*roles.bags, *roles.dense])
-    return fields, _parallel_in_order(parse, _text_chunks(stream, head))
+                              needed=roles.needed(fields), bags_and_dense=[*roles.bags, *roles.dense], decode=decode)
+    return fields, _numbered(_parallel_in_order(parse, _text_chunks(stream, head)), path, first_line)
 
 
 def _header_columns(header, text_format, path):
@@ -412,31 +416,33 @@ def _header_columns(header, text_format, path):
 
 
 def _text_chunks(stream, head):
-    """(first line number, bytes, is the last chunk) of chunks of whole lines; the first line number
-    counts from the top of the file, header included."""
-    first_line = 2 if head is not None else 1
+    """(bytes, is the last chunk) of chunks of whole lines, in file order. Each chunk is read into
+    a buffer of its own (the parser threads keep it while the next is read), with no other copy."""
     with stream:
         carry = head or b""
         while True:
-            block = stream.read(CHUNK_BYTES)
-            data = carry + block
-            if not block:
-                if data:
-                    yield first_line, data, True
+            buffer = bytearray(len(carry) + CHUNK_BYTES)
+            buffer[:len(carry)] = carry
+            size = len(carry) + stream.readinto(memoryview(buffer)[len(carry):])
+            if size == len(carry):
+                if carry:
+                    yield bytes(carry), True
                 return
-            end = data.rfind(b"\n") + 1
+            end = buffer.rfind(b"\n", 0, size) + 1  # from the end: scans the last line only
             if end == 0:
-                carry = data
+                carry = buffer[:size]
                 continue
-            carry = data[end:]
-            yield first_line, data[:end], False
-            first_line += data.count(b"\n", 0, end)
+            carry = bytes(buffer[end:size])
+            del buffer[end:]  # shrinks in place: no copy
+            yield buffer, False
 
 
-def _parse_text(raw, path, text_format, columns, needed, bags_and_dense):
-    """A chunk of whole lines (_text_chunks) as a _Chunk: label and single-id fields
-    dictionary-encoded (by the CSV reader, in C++), bags and dense columns as raw bytes."""
-    first_line, data, last = raw
+def _parse_text(raw, path, text_format, columns, needed, bags_and_dense, decode):
+    """A chunk of whole lines (_text_chunks) as a _Chunk whose lines are numbered from 1: label and
+    single-id fields dictionary-encoded (by the CSV reader, in C++), bags and dense columns as raw
+    bytes. The caller adds the lines before the chunk to `positions` and `dropped`."""
+    data, last = raw
+    first_line = 1
     dropped = []
     wrong_count = f"{text_format.describe()}-separated columns{text_format.columns_hint}"
 
@@ -446,7 +452,7 @@ def _parse_text(raw, path, text_format, columns, needed, bags_and_dense):
         return "skip"
 
     misread = {}  # line -> problem: lines that pyarrow would read differently from "one line, one row"
-    if data.count(b"\r") != data.count(b"\r\n"):
+    if b"\r" in data and data.count(b"\r") != data.count(b"\r\n"):
         # pyarrow ends a line at a lone "\r" too; here lines end at "\n" (as in the line numbers),
         # so such a line is malformed, and the "\r" is blanked to keep rows and lines in step.
         data = bytearray(data)
@@ -456,7 +462,6 @@ def _parse_text(raw, path, text_format, columns, needed, bags_and_dense):
             line = first_line + data.count(b"\n", 0, match.start())
             misread.setdefault(line, "a carriage return (\\r) inside the line; lines end at \\n or \\r\\n")
             data[match.start()] = ord(" ")
-        data = bytes(data)
     empty_line = f"expected {len(columns)} {wrong_count}, found 1"
     if data.startswith((b"\n", b"\r\n")):
         misread.setdefault(first_line, empty_line)
@@ -486,11 +491,33 @@ def _parse_text(raw, path, text_format, columns, needed, bags_and_dense):
     if dropped:
         positions = np.delete(positions, [line - first_line for line in dropped_lines])
     if len(positions) != table.num_rows:
-        raise ValueError(f"{path}, lines {first_line}-{first_line + num_lines - 1}: read {table.num_rows} rows from "
-                         f"{len(positions)} lines (a quoted value spanning lines?); expected one row per line")
+        raise _RowsNotLines(table.num_rows, len(positions), num_lines)
     bad_rows = {int(np.searchsorted(positions, line)): problem for line, problem in misread.items()
                 if line not in dropped_lines}
-    return _Chunk(table, path, "line", positions, dropped, bad_rows)
+    chunk = _Chunk(table, path, "line", positions, dropped, bad_rows, num_lines)
+    chunk.decoded = decode(chunk)
+    return chunk
+
+
+class _RowsNotLines(Exception):
+    """A chunk's rows do not match its lines one to one (a quoted value spanning lines)."""
+
+
+def _numbered(chunks, path, first_line):
+    """The chunks of _parse_text with their lines numbered from the top of the file."""
+    while True:
+        try:
+            chunk = next(chunks)
+        except StopIteration:
+            return
+        except _RowsNotLines as error:
+            rows, kept_lines, lines = error.args
+            raise ValueError(f"{path}, lines {first_line}-{first_line + lines - 1}: read {rows} rows from {kept_lines} "
+                             "lines (a quoted value spanning lines?); expected one row per line") from None
+        chunk.positions += first_line - 1
+        chunk.dropped = [(line + first_line - 1, problem) for line, problem in chunk.dropped]
+        first_line += chunk.lines
+        yield chunk
 
 
 def _parquet_batches(files, needed):
@@ -506,8 +533,8 @@ def _parquet_batches(files, needed):
             row += batch.num_rows
 
 
-def _encode_parquet_batch(item, dictionary_columns):
-    """A Parquet record batch as a _Chunk: the label and single-id fields dictionary-encoded."""
+def _parquet_chunk(item, dictionary_columns, decode):
+    """A Parquet record batch as a _Chunk: the label and single-id fields dictionary-encoded, decoded."""
     part, row, batch = item
     table = pa.Table.from_batches([batch])
     for name in dictionary_columns:
@@ -519,7 +546,9 @@ def _encode_parquet_batch(item, dictionary_columns):
                 raise ValueError(f"{part}: column {name!r} is a {column.type} column, which cannot be a "
                                  "categorical field or the label (a list column can be a bag)") from None
         table = table.set_column(table.schema.get_field_index(name), name, column)
-    return _Chunk(table, part, "row", np.arange(row, row + batch.num_rows), [], {})
+    chunk = _Chunk(table, part, "row", np.arange(row, row + batch.num_rows), [], {})
+    chunk.decoded = decode(chunk)
+    return chunk
 
 
 def _parallel_in_order(function, items, workers=2):
@@ -555,8 +584,9 @@ def _decode(chunk, roles, fields, numeric):
     dictionary, indices = _dictionary(_column(table, roles.label))
     raw = dictionary.to_pylist() + [None]
     labels = np.array([_label_value(value) for value in raw], np.float32)[indices]  # NaN: not a label
-    if np.isnan(labels).any():
-        flag(np.isnan(labels), lambda r, raw=raw, indices=indices:
+    invalid = np.isnan(labels)
+    if invalid.any():
+        flag(invalid, lambda r, raw=raw, indices=indices:
              f"column {roles.label!r} (label) is {_shown(raw[indices[r]])}, expected 0 or 1")
     decoded[roles.label] = labels
     for field in fields:
@@ -580,7 +610,8 @@ def _decode(chunk, roles, fields, numeric):
 
 
 def _column(table, name):
-    return table.column(name).combine_chunks()
+    column = table.column(name)
+    return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
 
 
 def _dictionary(column):
