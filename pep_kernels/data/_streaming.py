@@ -474,17 +474,28 @@ def _parse_text(raw, path, text_format, columns, needed, bags_and_dense, decode)
     types = dict.fromkeys(needed, pa.binary())
     types.update(dict.fromkeys(dictionary_columns, pa.dictionary(pa.int32(), pa.binary())))
 
-    # One thread per chunk (chunks are parsed two at a time), which also numbers the lines it drops;
-    # blocks of a few MB stay in cache, each with its own dictionaries, unified after.
-    table = pacsv.read_csv(
-        pa.py_buffer(data),
-        read_options=pacsv.ReadOptions(column_names=columns, use_threads=False, block_size=_PARSE_BLOCK_BYTES),
-        parse_options=pacsv.ParseOptions(delimiter=text_format.delimiter,
-                                         quote_char='"' if text_format.quoting else False,
-                                         ignore_empty_lines=False, invalid_row_handler=on_invalid_row),
-        convert_options=pacsv.ConvertOptions(include_columns=needed, column_types=types, strings_can_be_null=False,
-                                             quoted_strings_can_be_null=False),
-    ).unify_dictionaries().combine_chunks()
+    def read(data):
+        # One thread per chunk (chunks are parsed two at a time), which also numbers the lines it
+        # drops; blocks of a few MB stay in cache, each with its own dictionaries, unified after.
+        return pacsv.read_csv(
+            pa.py_buffer(data),
+            read_options=pacsv.ReadOptions(column_names=columns, use_threads=False, block_size=_PARSE_BLOCK_BYTES),
+            parse_options=pacsv.ParseOptions(delimiter=text_format.delimiter,
+                                             quote_char='"' if text_format.quoting else False,
+                                             ignore_empty_lines=False, invalid_row_handler=on_invalid_row),
+            convert_options=pacsv.ConvertOptions(include_columns=needed, column_types=types,
+                                                 strings_can_be_null=False, quoted_strings_can_be_null=False),
+        ).unify_dictionaries().combine_chunks()
+
+    if not data.isascii() and not _is_utf8(data):
+        # pyarrow decodes a line with the wrong column count as UTF-8 to hand it to on_invalid_row,
+        # and fails on other bytes: count the columns of every line here instead (slow, but only
+        # for such chunks), and blank the wrong ones, which then read as empty rows that
+        # `misread` drops with their own problem.
+        data, wrong = _blank_lines_with_wrong_column_counts(data, text_format, len(columns))
+        for line, found in wrong:
+            misread[first_line + line - 1] = f"expected {len(columns)} {wrong_count}, found {found}"
+    table = read(data)
     num_lines = data.count(b"\n") + (0 if data.endswith(b"\n") else 1)
     positions = np.arange(first_line, first_line + num_lines)
     dropped_lines = {line for line, _ in dropped}
@@ -497,6 +508,30 @@ def _parse_text(raw, path, text_format, columns, needed, bags_and_dense, decode)
     chunk = _Chunk(table, path, "line", positions, dropped, bad_rows, num_lines)
     chunk.decoded = decode(chunk)
     return chunk
+
+
+def _is_utf8(data):
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _blank_lines_with_wrong_column_counts(data, text_format, expected):
+    """(data with the lines that do not have `expected` columns emptied, [(1-based line, columns found)])."""
+    lines = bytes(data).split(b"\n")
+    wrong = []
+    for i, line in enumerate(lines):
+        text = line.removesuffix(b"\r").decode("latin-1")
+        if text_format.quoting:
+            found = max(1, len(next(csv.reader([text], delimiter=text_format.delimiter))))
+        else:
+            found = text.count(text_format.delimiter) + 1
+        if found != expected and (line or i < len(lines) - 1):  # not the end of the last line's newline
+            wrong.append((i + 1, found))
+            lines[i] = b""
+    return b"\n".join(lines) or b"\n", wrong  # a lone line emptied is still a line (pyarrow refuses b"")
 
 
 class _RowsNotLines(Exception):
@@ -598,9 +633,11 @@ def _decode(chunk, roles, fields, numeric):
                 invalid = np.array([token is None for token in tokens])
                 flag(invalid[indices], lambda r, raw=raw, indices=indices, field=field:
                      f"column {field!r} (numeric) is {_shown(raw[indices[r]])}, expected an integer or empty")
-            distinct = {token: i for i, token in enumerate(dict.fromkeys(tokens))}  # raw "3" and "4" are bucket "1"
-            indices = np.array([distinct[token] for token in tokens], np.int32)[indices]
-            dictionary = pa.array(["" if token is None else token for token in distinct], pa.string())
+            # Raw "3" and "4" are both bucket "1": one value each. A malformed value's rows are
+            # dropped; they point past the values (no value of its own to merge).
+            distinct = {token: i for i, token in enumerate(dict.fromkeys(t for t in tokens if t is not None))}
+            indices = np.array([distinct.get(token, len(distinct)) for token in tokens], np.int32)[indices]
+            dictionary = pa.array(list(distinct), pa.string())
         decoded[field] = dictionary, indices
     for bag in roles.bags:
         decoded[bag] = _bag(_column(table, bag), roles.bag_separator, bag, flag)
