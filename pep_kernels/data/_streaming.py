@@ -495,14 +495,18 @@ def _parse_text(raw, path, text_format, columns, needed, bags_and_dense, decode)
         data, wrong = _blank_lines_with_wrong_column_counts(data, text_format, len(columns))
         for line, found in wrong:
             misread[first_line + line - 1] = f"expected {len(columns)} {wrong_count}, found {found}"
-    table = read(data)
     num_lines = data.count(b"\n") + (0 if data.endswith(b"\n") else 1)
+    try:
+        table = read(data)
+    except pa.ArrowInvalid as error:  # e.g. a quoted value spanning lines, then a line that is not UTF-8
+        raise _UnreadableChunk(f"pyarrow cannot read them ({str(error)[:300]})", num_lines) from None
     positions = np.arange(first_line, first_line + num_lines)
     dropped_lines = {line for line, _ in dropped}
     if dropped:
         positions = np.delete(positions, [line - first_line for line in dropped_lines])
     if len(positions) != table.num_rows:
-        raise _RowsNotLines(table.num_rows, len(positions), num_lines)
+        raise _UnreadableChunk(f"read {table.num_rows} rows from {len(positions)} lines (a quoted value spanning "
+                               "lines?); expected one row per line", num_lines)
     bad_rows = {int(np.searchsorted(positions, line)): problem for line, problem in misread.items()
                 if line not in dropped_lines}
     chunk = _Chunk(table, path, "line", positions, dropped, bad_rows, num_lines)
@@ -534,8 +538,8 @@ def _blank_lines_with_wrong_column_counts(data, text_format, expected):
     return b"\n".join(lines) or b"\n", wrong  # a lone line emptied is still a line (pyarrow refuses b"")
 
 
-class _RowsNotLines(Exception):
-    """A chunk's rows do not match its lines one to one (a quoted value spanning lines)."""
+class _UnreadableChunk(Exception):
+    """(problem, number of lines): a chunk that cannot be read line by line, whatever on_error says."""
 
 
 def _numbered(chunks, path, first_line):
@@ -545,10 +549,9 @@ def _numbered(chunks, path, first_line):
             chunk = next(chunks)
         except StopIteration:
             return
-        except _RowsNotLines as error:
-            rows, kept_lines, lines = error.args
-            raise ValueError(f"{path}, lines {first_line}-{first_line + lines - 1}: read {rows} rows from {kept_lines} "
-                             "lines (a quoted value spanning lines?); expected one row per line") from None
+        except _UnreadableChunk as error:
+            problem, lines = error.args
+            raise ValueError(f"{path}, lines {first_line}-{first_line + lines - 1}: {problem}") from None
         chunk.positions += first_line - 1
         chunk.dropped = [(line + first_line - 1, problem) for line, problem in chunk.dropped]
         first_line += chunk.lines
