@@ -6,11 +6,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-DATASETS = "synthetic[=N] | ml-100k | ml-100k-noids | ml-1m=DIR | criteo=FILE | avazu=FILE"
+DATASETS = "synthetic[=N] | ml-100k | ml-100k-noids | ml-1m=DIR | criteo=FILE | avazu=FILE | table=FILE"
+ENCODED = ("criteo", "avazu", "table")  # datasets read by the column-wise encoder: --min-count, --on-error, a cache
+TABLE_OPTIONS = ("label", "numeric", "bag", "bag_separator", "dense", "ignore")
 
 
-def load_data(spec, seed=0, cache_dir=None):
-    """A dataset named on the command line (see DATASETS)."""
+def load_data(spec, seed=0, cache_dir=None, *, label=None, numeric=(), bag=(), bag_separator="|", dense=(),
+              ignore=(), min_count=None, on_error="raise"):
+    """A dataset named on the command line (see DATASETS); the keywords are its data options."""
     from . import data
 
     name, _, path = spec.partition("=")
@@ -18,16 +21,27 @@ def load_data(spec, seed=0, cache_dir=None):
         if path and not path.isdigit():
             raise ValueError(f"synthetic=N needs a number of examples, got {path!r}")
         return data.synthetic_ctr_data(int(path or 100_000), seed)
+    encoded = dict(min_count=10 if min_count is None else min_count, cache_dir=cache_dir, on_error=on_error)
     loaders = {
         "ml-100k": lambda: data.load_movielens_100k(include_ids=True),
         "ml-100k-noids": lambda: data.load_movielens_100k(include_ids=False),
         "ml-1m": lambda: data.load_movielens_1m(path),
-        "criteo": lambda: data.load_criteo(path, cache_dir=cache_dir),
-        "avazu": lambda: data.load_avazu(path, cache_dir=cache_dir),
+        "criteo": lambda: data.load_criteo(path, **encoded),
+        "avazu": lambda: data.load_avazu(path, **encoded),
+        "table": lambda: data.load_table(path, label, numeric=numeric, bags=bag, dense=dense, ignore=ignore,
+                                         bag_separator=bag_separator, **encoded),
     }
-    if name not in loaders or bool(path) != (name in ("ml-1m", "criteo", "avazu")):
+    if name not in loaders or bool(path) != (name in ("ml-1m", *ENCODED)):
         raise ValueError(f"unknown dataset {spec!r}; expected one of: {DATASETS}")
+    if name == "table" and label is None:
+        raise ValueError("table=FILE needs --label COL, the column of 0/1 labels")
     return loaders[name]()
+
+
+def _load(args):
+    """The dataset of a command's --data and data options."""
+    return load_data(args.data, args.seed, args.cache_dir, min_count=args.min_count, on_error=args.on_error,
+                     **{name: getattr(args, name) for name in TABLE_OPTIONS})
 
 
 def log(message):
@@ -39,13 +53,41 @@ def _splits(args):
     """The dataset's field sizes and its (x, y) train, validation and test splits."""
     from .data import split
 
-    data = load_data(args.data, args.seed, args.cache_dir)
+    data = _load(args)
     return data.field_dims, [(part.x, part.y) for part in split(data, args.seed)]
 
 
+def _data_options(parser, default=None):
+    parser.add_argument("--data", required=default is None,
+                        help=f"{DATASETS}{f' (default: {default})' if default else ''}; table=FILE: a CSV or TSV "
+                             "file with a header line (.gz, .bz2, .zst, .lz4 too), a Parquet file or a folder of "
+                             "Parquet parts, with --label")
+    parser.add_argument("--cache-dir", type=Path,
+                        help="where criteo, avazu and table data keep their encoded arrays (reused while the file "
+                             "and the options stay the same)")
+    parser.add_argument("--min-count", type=int,
+                        help="criteo, avazu, table: values seen fewer times share one id (default 10)")
+    parser.add_argument("--on-error", default="raise", choices=["raise", "skip"],
+                        help="criteo, avazu, table: a malformed line or row ends the command (raise, the default) "
+                             "or is skipped and counted (skip)")
+    table = parser.add_argument_group(
+        "table=FILE columns", "every column but the label is a categorical field unless named below")
+    table.add_argument("--label", metavar="COL", help="the column of 0/1 labels (required with table=FILE)")
+    table.add_argument("--numeric", nargs="+", default=[], metavar="COL",
+                       help="integer columns, bucketed as Criteo's I1-I13 (int(ln(v)^2)); empty is a bucket")
+    table.add_argument("--ignore", nargs="+", default=[], metavar="COL", help="columns not read")
+    table.add_argument("--bag", nargs="+", default=[], metavar="COL",
+                       help="multi-hot columns (values separated by --bag-separator, or Parquet lists), for models "
+                            "with an EmbeddingBag: pep demo --model dlrm (the other built-in models take single-id "
+                            "fields only)")
+    table.add_argument("--bag-separator", default="|", metavar="SEP", help="between the values of a --bag column")
+    table.add_argument("--dense", nargs="+", default=[], metavar="COL",
+                       help="numbers kept as they are, for models with a bottom MLP: pep demo --model dlrm (not "
+                            "the other built-in models)")
+
+
 def _common(parser, epochs):
-    parser.add_argument("--data", required=True, help=DATASETS)
-    parser.add_argument("--cache-dir", type=Path, help="where big datasets keep their encoded arrays")
+    _data_options(parser)
     parser.add_argument("--epochs", type=int, default=epochs)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--weight-decay", type=float, default=1e-5)
@@ -64,10 +106,11 @@ def cmd_search(args):
                    threshold_init=args.threshold_init, threshold_slope=args.threshold_slope)
     if args.pruning == "faithful" and args.steps is not None:
         raise ValueError("--steps plans the budget pruning; --pruning faithful has no plan")
+    training, count_every = _table_training(spec.num_embeddings * spec.embedding_dim, args.training, args.count_every)
     summary = search(spec, x, y, args.out, args.budgets, epochs=args.epochs, lr=args.lr,
                      weight_decay=args.weight_decay, batch_size=args.batch_size, seed=args.seed,
-                     device=args.device, backend=args.backend, training=args.training,
-                     count_every=args.count_every, pruning=args.pruning, steps=args.steps,
+                     device=args.device, backend=args.backend, training=training,
+                     count_every=count_every, pruning=args.pruning, steps=args.steps,
                      min_occurrences=args.min_occurrences, log=log)
     for snap in summary["snapshots"]:
         print(f"step {snap['step']:>7}  non-zeros {snap['nnz']:>10}  sparsity {snap['sparsity']:.2%}  {snap['path']}")
@@ -76,6 +119,24 @@ def cmd_search(args):
     print(f"plot: {args.out / 'planned_vs_reached.png'}")
     if summary["unreached"]:
         print(f"budgets not reached in {args.epochs} epochs: {summary['unreached']}")
+
+
+# Above this many table entries a step that updates every row (faithful training) and reads the
+# whole table to count it costs a multiple of one that touches the looked-up rows (1.7x on a
+# 193K x 16 FM table, issue 26); below, the published recipe's settings cost little.
+LARGE_TABLE_ENTRIES = 1_000_000
+LARGE_TABLE_COUNT_EVERY = 20
+
+
+def _table_training(entries, training, count_every):
+    """--training and --count-every, with their defaults for a table of `entries` entries."""
+    large = entries > LARGE_TABLE_ENTRIES
+    chosen = (training or ("fast" if large else "faithful"),
+              count_every or (LARGE_TABLE_COUNT_EVERY if large else 1))
+    if large and (training is None or count_every is None):
+        log(f"a table of {entries:,} entries: --training {chosen[0]} --count-every {chosen[1]} (the defaults above "
+            f"{LARGE_TABLE_ENTRIES:,} entries; faithful training updates and counting reads every row)")
+    return chosen
 
 
 def cmd_retrain(args):
@@ -152,7 +213,7 @@ def cmd_bench(args):
 def cmd_demo(args):
     from .demo import run_demo, run_dlrm_demo
 
-    data = None if args.data is None else (load_data(args.data, args.seed), args.data)
+    data = None if args.data is None else (_load(args), args.data)
     if args.model == "dlrm":
         run_dlrm_demo(out_dir=args.out, data=data, epochs=args.epochs, device=args.device, backend=args.backend,
                       seed=args.seed)
@@ -191,10 +252,13 @@ def main(argv=None):
                         "dimensions first and the kept ones line up across rows (per-dimension modes; 1 with "
                         "--threshold-init -30 is the recommended setting for FM)")
     p.add_argument("--backend", default="auto", choices=["auto", "triton", "cpu"])
-    p.add_argument("--training", default="faithful", choices=["faithful", "fast"],
+    p.add_argument("--training", choices=["faithful", "fast"],
                    help="table updates: every row every step (the published recipe) or looked-up rows with "
-                        "skipped steps replayed (same numbers)")
-    p.add_argument("--count-every", type=int, default=1, help="count non-zeros every N steps")
+                        "skipped steps replayed (same numbers); default: faithful up to "
+                        f"{LARGE_TABLE_ENTRIES:,} table entries, fast above")
+    p.add_argument("--count-every", type=int,
+                   help=f"count non-zeros every N steps (default: 1 up to {LARGE_TABLE_ENTRIES:,} table entries, "
+                        f"{LARGE_TABLE_COUNT_EVERY} above)")
     p.set_defaults(handler=cmd_search)
 
     p = commands.add_parser("retrain", help="lottery-ticket retrain of a run's snapshots")
@@ -235,11 +299,12 @@ def main(argv=None):
 
     p = commands.add_parser("demo", help="baseline, PEP search and retrain on MovieLens-100K (or synthetic data)")
     p.add_argument("--out", type=Path, default=Path("pep-demo"), help="output folder (default: pep-demo)")
-    p.add_argument("--data", help=f"{DATASETS} (default: ml-100k when recbole is installed, else synthetic; for "
-                                  "dlrm, ml-100k with genres as a multi-hot bag and age and year as dense features)")
+    _data_options(p, default="ml-100k when recbole is installed, else synthetic; for dlrm, ml-100k with genres "
+                             "as a multi-hot bag and age and year as dense features")
     p.add_argument("--model", default="fm", choices=sorted(MODELS) + ["dlrm"],
                    help="a built-in (B, F) model, or dlrm: a plain PyTorch DLRM with one nn.EmbeddingBag per "
-                        "feature, converted by pep_kernels.convert and searched to byte budgets of all its tables")
+                        "feature (and a bottom MLP for --dense columns), converted by pep_kernels.convert and "
+                        "searched to byte budgets of all its tables")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--device", default="cpu")
     p.add_argument("--backend", default="auto", choices=["auto", "triton", "cpu", "reference"])
@@ -263,14 +328,12 @@ def _check_options(parser, args):
     def fail(message):
         parser.exit(2, f"pep {args.command}: error: {message}\n")
 
-    def option(name):
-        return "--" + name.replace("_", "-")
-
     if getattr(args, "epochs", 1) < 0 or (args.command != "evaluate" and getattr(args, "epochs", 1) < 1):
         fail(f"--epochs must be >= 1, got {args.epochs}")
     for name in ("batch_size", "embedding_dim", "count_every", "patience", "checkpoint_every"):
-        if getattr(args, name, 1) < 1:
+        if getattr(args, name, None) is not None and getattr(args, name) < 1:
             fail(f"{option(name)} must be >= 1, got {getattr(args, name)}")
+    _check_data_options(args, fail)
     if getattr(args, "min_occurrences", 0) < 0:
         fail(f"--min-occurrences must be >= 0, got {args.min_occurrences}")
     if getattr(args, "seed", 0) < 0:
@@ -304,6 +367,37 @@ def _check_options(parser, args):
         fail(f"{option(name)} {path}: " + ("is a file, expected a folder" if path.exists() else "no such folder"))
     if args.command == "export" and args.out.is_dir():
         fail(f"--out {args.out}: is a folder, expected the store file to write")
+
+
+def _check_data_options(args, fail):
+    """Data options that do not fit the dataset, or that the built-in models cannot use."""
+    if not hasattr(args, "data"):
+        return
+    name = (args.data or "").partition("=")[0]
+    given = [name for name in TABLE_OPTIONS if getattr(args, name) not in (None, [], "|")]
+    if given and name != "table":
+        fail(f"{', '.join(option(g) for g in given)} name columns of table=FILE, not of "
+             f"{'--data ' + args.data if args.data else 'the default dataset'}")
+    encoded_given = [option(o) for o in ("min_count", "on_error") if getattr(args, o) not in (None, "raise")]
+    if encoded_given and name not in ENCODED:
+        fail(f"{', '.join(encoded_given)} apply to {', '.join(ENCODED)} data, not to "
+             f"{'--data ' + args.data if args.data else 'the default dataset'}")
+    if args.min_count is not None and args.min_count < 1:
+        fail(f"--min-count must be >= 1, got {args.min_count}")
+    if getattr(args, "model", None) == "dlrm":  # pep demo's DLRM takes bags and dense columns
+        return
+    if args.bag:
+        fail(f"the built-in models take single-id fields only, and --bag {' '.join(args.bag)} are multi-hot: load "
+             "them with pep_kernels.data.load_table(..., bags=[...]) for a model with an EmbeddingBag (as pep demo "
+             "--model dlrm does), or read each list as one categorical value (leave out --bag), or --ignore them")
+    if args.dense:
+        fail(f"the built-in models take single-id fields only, and --dense {' '.join(args.dense)} are raw numbers: "
+             "load them with pep_kernels.data.load_table(..., dense=[...]) for a model with a bottom MLP, or "
+             "bucketize integer columns with --numeric, or --ignore them")
+
+
+def option(name):
+    return "--" + name.replace("_", "-")
 
 
 if __name__ == "__main__":

@@ -3,9 +3,16 @@
 import dataclasses
 import json
 import os
+import warnings
 
 import pytest
 import torch
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sklearn.metrics import roc_auc_score
+from utils import line_by_line_encode
 
 from pep_kernels.data import (
     AVAZU_FIELD_NAMES,
@@ -20,6 +27,7 @@ from pep_kernels.data import (
     make_synthetic_ctr,
     movielens_100k_dir,
     split,
+    write_criteo_like_file,
 )
 from pep_kernels.data import _streaming
 
@@ -117,8 +125,8 @@ def test_criteo_second_load_comes_from_cache_until_the_file_changes(tmp_path, mo
 
 @pytest.mark.parametrize("bad_line, problem", [
     ("\t".join(["1"] * 39) + "\n", "expected 40 tab-separated columns"),
-    (criteo_line(ints=["1", "1.5"]), "integer field I2 is '1.5'"),
-    (criteo_line(label=2), "label is '2', expected 0 or 1"),
+    (criteo_line(ints=["1", "1.5"]), r"column 'I2' \(numeric\) is '1.5', expected an integer or empty"),
+    (criteo_line(label=2), r"column 'label' \(label\) is '2', expected 0 or 1"),
     ("\n", "expected 40 tab-separated columns .*, found 1"),
 ])  # fmt: skip
 def test_criteo_malformed_line_names_file_and_line(tmp_path, bad_line, problem):
@@ -132,7 +140,8 @@ def test_criteo_skip_mode_counts_and_warns_also_from_cache(tmp_path):
     lines = [criteo_line(1), criteo_line(label="x"), criteo_line(0), "1\t2\n", criteo_line(ints=["?"]), criteo_line(1)]
     path = write(tmp_path / "train.txt", lines)
     for _ in range(2):  # builds the cache, then loads it
-        with pytest.warns(UserWarning, match=r"skipped 3 malformed lines.*line 2: label is 'x'"):
+        with pytest.warns(UserWarning, match=r"skipped 3 malformed lines; the first: .*line 2: column 'label' "
+                                             r"\(label\) is 'x'"):
             data = load_criteo(path, min_count=1, cache_dir=tmp_path / "cache", on_error="skip")
         assert data.skipped_lines == 3 and data.y.tolist() == [1, 0, 1]
     with pytest.raises(ValueError, match="line 2"):  # a raise-mode load does not reuse the skipping cache
@@ -149,6 +158,138 @@ def test_criteo_rejects_bad_arguments(tmp_path):
         load_criteo(tmp_path / "missing.txt")
     with pytest.raises(ValueError, match="no well-formed data rows"):
         load_criteo(write(tmp_path / "bad.txt", ["oops\n"]), on_error="skip")
+
+
+# The column-wise encoder against the line-by-line one it replaced (tests/utils.py): the same ids,
+# labels, field sizes and skipped lines on the same files, read in one chunk or in many.
+
+
+@pytest.fixture(scope="module")
+def criteo_like(tmp_path_factory):
+    """(path, planted click probabilities) of 3000 generated Criteo lines."""
+    path = tmp_path_factory.mktemp("criteo") / "train.txt"
+    return path, write_criteo_like_file(path, 3000, seed=3, chunk_lines=1000)
+
+
+@pytest.fixture(params=["one chunk", "many chunks"])
+def chunking(request, monkeypatch):
+    """Many chunks: a few dozen lines per chunk, several parse blocks per chunk and vocabularies
+    merged every few chunks, so that values, counts and line numbers cross chunk boundaries."""
+    if request.param == "many chunks":
+        monkeypatch.setattr(_streaming, "CHUNK_BYTES", 6000)
+        monkeypatch.setattr(_streaming, "_PARSE_BLOCK_BYTES", 1500)
+        monkeypatch.setattr(_streaming, "_PENDING_ROWS", 70)
+    return request.param
+
+
+def assert_same_encoding(data, path, kind, **options):
+    x, y, field_dims, skipped = line_by_line_encode(path, kind, **options)
+    assert data.x.dtype == torch.int64 and data.y.dtype == torch.float32
+    assert np.array_equal(data.x.numpy(), x) and np.array_equal(data.y.numpy(), y)
+    assert data.field_dims == field_dims and data.skipped_lines == skipped
+
+
+@pytest.mark.parametrize("min_count, max_rows", [(1, None), (3, 1999), (10, None)])
+def test_criteo_encoder_equals_the_line_by_line_encoder(criteo_like, chunking, min_count, max_rows):
+    path, _ = criteo_like
+    data = load_criteo(path, min_count=min_count, max_rows=max_rows)
+    assert len(data) == (max_rows or 3000) and data.field_names == list(CRITEO_FIELD_NAMES)
+    assert_same_encoding(data, path, "criteo", min_count=min_count, max_rows=max_rows)
+
+
+def test_criteo_encoder_equals_the_line_by_line_encoder_on_odd_tokens(tmp_path, chunking):
+    # latin-1 bytes, UTF-8 sequences, quotes (not quoting: Criteo is split on tabs only), spaces,
+    # empty tokens, CRLF endings, a last line without its newline, ties between rare values.
+    odd = ["\xe9t\xe9", "caf\u00e9".encode().decode("latin-1"), '"quoted"', 'a"b', " lead", "trail ", "", "x y"]
+    lines = []
+    for i in range(400):
+        cats = [odd[(i * (f + 1)) % len(odd)] + ("" if f % 3 else str(i % 7)) for f in range(26)]
+        ints = [["", "0", "-1", "2", "3", "99", "123456789012345678901234567890"][(i + j) % 7] for j in range(13)]
+        lines.append(criteo_line(i % 2, ints, cats).replace("\n", "\r\n" if i % 5 == 0 else "\n"))
+    path = write(tmp_path / "train.txt", lines)
+    path.write_bytes(path.read_bytes().rstrip(b"\r\n"))
+    for min_count in (1, 4):
+        assert_same_encoding(load_criteo(path, min_count=min_count), path, "criteo", min_count=min_count)
+
+
+def test_criteo_encoder_skips_the_lines_the_line_by_line_encoder_skipped(criteo_like, tmp_path, chunking):
+    lines = criteo_like[0].read_text(encoding="latin-1").splitlines(keepends=True)[:1500]
+    bad = ["\n", "\r\n", "\t".join(["1"] * 39) + "\n", "\t".join(["1"] * 41) + "\n", criteo_line(label=2),
+           criteo_line(label=""), criteo_line(ints=["1.5"]), criteo_line(ints=["", "abc"]), criteo_line(ints=[" 5"]),
+           "garbage\n"]
+    for i, line in enumerate(bad):
+        lines.insert(37 + 131 * i, line)
+    path = write(tmp_path / "train.txt", lines)
+    with pytest.raises(ValueError, match=r"train\.txt, line 38: expected 40 tab-separated columns .*, found 1"):
+        load_criteo(path, min_count=2)
+    for max_rows in (None, 1000):  # 1000 rows end before the last bad lines: those are not read, nor counted
+        with pytest.warns(UserWarning, match=r"skipped \d+ malformed lines; the first: .*line 38: expected 40"):
+            data = load_criteo(path, min_count=2, max_rows=max_rows, on_error="skip")
+        assert data.skipped_lines == (len(bad) if max_rows is None else 8)
+        assert_same_encoding(data, path, "criteo", min_count=2, max_rows=max_rows, on_error="skip")
+
+
+def test_criteo_errors_name_the_line_in_any_chunk(criteo_like, tmp_path, chunking):
+    lines = criteo_like[0].read_text(encoding="latin-1").splitlines(keepends=True)
+    lines[2345] = criteo_line(ints=["7", "7", "seven"])
+    path = write(tmp_path / "train.txt", lines)
+    with pytest.raises(ValueError, match=r"train\.txt, line 2346: column 'I3' \(numeric\) is 'seven', expected an "
+                                         r"integer or empty \(pass on_error='skip'"):
+        load_criteo(path)
+
+
+# Lines of a Criteo file, mostly well-formed, with damage: tokens of odd bytes, missing or extra
+# columns, bad labels and integers, empty lines.
+_TOKEN = st.one_of(st.sampled_from(["", "a", "b", "0", "1", "-1", "3", "99", "x y", '"', "\xe9"]),
+                   st.text(st.characters(codec="latin-1", exclude_characters="\t\n\r"), max_size=4))
+_CRITEO_LINE = st.tuples(st.sampled_from(["0", "1", "2", ""]), st.lists(_TOKEN, min_size=13, max_size=13),
+                         st.lists(_TOKEN, min_size=24, max_size=28)).map(lambda t: "\t".join([t[0], *t[1], *t[2]]))
+
+
+@settings(max_examples=settings.default.max_examples * 2)
+@given(lines=st.lists(st.one_of(_CRITEO_LINE, st.just("")), min_size=1, max_size=60), min_count=st.integers(1, 3),
+       crlf=st.booleans(), newline_at_end=st.booleans())
+def test_criteo_encoder_equals_the_line_by_line_encoder_on_damaged_files(tmp_path_factory, lines, min_count, crlf,
+                                                                         newline_at_end):
+    # Criteo lines have 40 columns; the strategy makes 38 to 42, with bad labels and integers often.
+    # (No "\r" inside a line: the line-by-line encoder kept it in a token, this one refuses the line.)
+    path = tmp_path_factory.mktemp("fuzz") / "train.txt"
+    text = ("\r\n" if crlf else "\n").join(lines) + ("\n" if newline_at_end else "")
+    path.write_bytes(text.encode("latin-1"))
+    try:
+        x, y, field_dims, skipped = line_by_line_encode(path, "criteo", min_count=min_count, on_error="skip")
+    except ValueError:  # no well-formed line: the oracle has no columns to count
+        x = None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the warning about skipped lines
+        if x is None or len(x) == 0:
+            with pytest.raises(ValueError, match="no well-formed data rows"):
+                load_criteo(path, min_count=min_count, on_error="skip")
+            return
+        data = load_criteo(path, min_count=min_count, on_error="skip")
+    assert np.array_equal(data.x.numpy(), x) and np.array_equal(data.y.numpy(), y)
+    assert data.field_dims == field_dims and data.skipped_lines == skipped
+
+
+def test_criteo_carriage_return_inside_a_line_is_malformed(tmp_path):
+    # pyarrow would end a line there; the line-by-line encoder kept it inside the token
+    path = write(tmp_path / "train.txt", [criteo_line(1), criteo_line(0, cats=["a\rb"]), criteo_line(1)])
+    with pytest.raises(ValueError, match=r"line 2: a carriage return \(\\r\) inside the line"):
+        load_criteo(path, min_count=1)
+    with pytest.warns(UserWarning, match="skipped 1 malformed lines"):
+        assert load_criteo(path, min_count=1, on_error="skip").y.tolist() == [1, 1]
+
+
+def test_criteo_like_file_has_its_planted_signal(criteo_like):
+    path, planted = criteo_like
+    data = load_criteo(path, min_count=1)
+    assert planted.dtype == np.float32 and planted.shape == (3000,) and len(data) == 3000
+    assert 0.2 < data.y.mean().item() < 0.3  # positive_rate 0.25; the std of the mean is 0.008
+    assert 0.75 < roc_auc_score(data.y.numpy(), planted) < 0.85  # target_auc 0.8; its std is about 0.01
+    assert min(data.field_dims[13:]) >= 2 and max(data.field_dims) > 1000  # C9 has 3 values, C3 a long tail
+    again = tmp = path.with_name("again.txt")
+    assert np.array_equal(write_criteo_like_file(tmp, 3000, seed=3, chunk_lines=1000), planted)
+    assert again.read_bytes() == path.read_bytes()
 
 
 # ----------------------------------------------------------------------------------------- Avazu
@@ -185,11 +326,36 @@ def test_avazu_malformed_lines_count_the_header(tmp_path):
     good = avazu_line(AVAZU_HEADER, 1, 1)
     lines = [",".join(AVAZU_HEADER) + "\n", good, good.replace(",1,", ",yes,", 1), good.rstrip("\n") + ",x\n", good]
     path = write(tmp_path / "train", lines)
-    with pytest.raises(ValueError, match=r"train, line 3: label is 'yes', expected 0 or 1"):
+    with pytest.raises(ValueError, match=r"train, line 3: column 'click' \(label\) is 'yes', expected 0 or 1"):
         load_avazu(path, min_count=1)
     with pytest.warns(UserWarning, match="skipped 2 malformed lines"):
         data = load_avazu(path, min_count=1, on_error="skip")
     assert data.skipped_lines == 2 and len(data) == 2
+
+
+def avazu_like(path, num_lines, header, seed=0):
+    """Random Avazu lines: Zipf-like tokens per field, so that counts tie and values are rare."""
+    rng = np.random.default_rng(seed)
+    lines = [",".join(header) + "\n"]
+    for i in range(num_lines):
+        values = {name: f"{name[:2]}{int(rng.zipf(1.5)) % (5 + 40 * f)}" for f, name in enumerate(AVAZU_FIELD_NAMES)}
+        values.update(id=str(10**18 + i), click=str(int(rng.random() < 0.2)))
+        lines.append(",".join(values[name] for name in header) + "\n")
+    return write(path, lines)
+
+
+@pytest.mark.parametrize("columns", [AVAZU_HEADER, AVAZU_HEADER[::-1]], ids=["canonical", "reordered"])
+def test_avazu_encoder_equals_the_line_by_line_encoder(tmp_path, chunking, columns):
+    path = avazu_like(tmp_path / "train", 1500, columns)
+    lines = path.read_text().splitlines(keepends=True)
+    lines[700:700] = ["1,2,3\n", "\n", lines[5].replace(",0,", ",yes,", 1).replace(",1,", ",yes,", 1)]
+    write(path, lines)
+    for min_count, max_rows in ((1, None), (2, 1000), (10, None)):
+        with pytest.warns(UserWarning, match=r"skipped 3 malformed lines; the first: .*train, line 701: expected 24 "
+                                             r"comma-separated columns, found 3"):
+            data = load_avazu(path, min_count=min_count, max_rows=max_rows, on_error="skip")
+        assert data.field_names == list(AVAZU_FIELD_NAMES)
+        assert_same_encoding(data, path, "avazu", min_count=min_count, max_rows=max_rows, on_error="skip")
 
 
 # ------------------------------------------------------------------------------------- MovieLens

@@ -77,3 +77,82 @@ def train_with_row_oracle(fused, eager, rule, batches, loss_of):
             with torch.no_grad():
                 fused.threshold -= 0.1 * fused.threshold.grad
     return weight, threshold
+
+
+# ------------------------------------------------------------ the line-by-line encoder (oracle)
+# The Criteo and Avazu encoder as it was before the column-wise one (pep_kernels.data._streaming),
+# kept here, condensed but rule for rule, as the oracle the column-wise encoder must equal:
+# Python splits each line, counts every field's tokens, and numbers them by decreasing count,
+# ties by token, values seen fewer than min_count times sharing the next id.
+
+
+def _line_label(raw):
+    if raw not in ("0", "1"):
+        raise _OracleMalformed(f"label is {raw!r}")
+    return int(raw)
+
+
+class _OracleMalformed(Exception):
+    pass
+
+
+def _criteo_row(line):
+    import re
+
+    from pep_kernels.data import criteo_integer_token
+
+    columns = line.split("\t")
+    if len(columns) != 40:
+        raise _OracleMalformed(f"found {len(columns)} columns")
+    label = _line_label(columns[0])
+    if not all(raw == "" or re.fullmatch(r"-?[0-9]+", raw) for raw in columns[1:14]):
+        raise _OracleMalformed("not an integer")
+    return label, [criteo_integer_token(raw) for raw in columns[1:14]] + columns[14:]
+
+
+def _avazu_row_parser(header):
+    from pep_kernels.data import AVAZU_FIELD_NAMES
+
+    label_column, field_columns = header.index("click"), [header.index(name) for name in AVAZU_FIELD_NAMES]
+
+    def parse(line):
+        columns = line.split(",")
+        if len(columns) != len(header):
+            raise _OracleMalformed(f"found {len(columns)} columns")
+        return _line_label(columns[label_column]), [columns[c] for c in field_columns]
+
+    return parse
+
+
+def line_by_line_encode(path, kind, min_count=10, max_rows=None, on_error="raise"):
+    """(x int64 (n, F), y float32 (n,), field_dims, skipped lines) of a Criteo ("criteo") or Avazu
+    ("avazu") file, as the line-by-line encoder made them."""
+    import numpy as np
+    from collections import Counter
+
+    labels, rows, skipped = [], [], 0
+    with open(path, encoding="latin-1", newline="\n") as lines:
+        parse = _criteo_row if kind == "criteo" else _avazu_row_parser(lines.readline().rstrip("\r\n").split(","))
+        for line in lines:
+            try:
+                label, row = parse(line.rstrip("\r\n"))
+            except _OracleMalformed:
+                if on_error == "raise":
+                    raise ValueError(f"malformed line in {path}") from None
+                skipped += 1
+                continue
+            labels.append(label)
+            rows.append(row)
+            if len(rows) == max_rows:
+                break
+    columns = list(zip(*rows))
+    x, field_dims = np.empty((len(rows), len(columns)), np.int64), []
+    for f, column in enumerate(columns):
+        counter = Counter(column)
+        frequent = sorted((v for v, c in counter.items() if c >= min_count), key=lambda v: (-counter[v], v))
+        ids = {v: i for i, v in enumerate(frequent)}
+        rare = [v for v, c in counter.items() if c < min_count]
+        ids.update(dict.fromkeys(rare, len(frequent)))
+        x[:, f] = [ids[v] for v in column]
+        field_dims.append(len(frequent) + (1 if rare else 0))
+    return x, np.array(labels, np.float32), field_dims, skipped

@@ -1,9 +1,8 @@
 """Avazu (Kaggle CTR prediction, ``train`` CSV) as per-field local ids."""
 
-import operator
 from pathlib import Path
 
-from ._streaming import LineFormat, MalformedLine, encode_ctr_file, parse_label
+from ._streaming import Roles, TextFormat, encode_table
 
 AVAZU_FIELD_NAMES = (
     "hour", "C1", "banner_pos",
@@ -13,11 +12,12 @@ AVAZU_FIELD_NAMES = (
     "C14", "C15", "C16", "C17", "C18", "C19", "C20", "C21",
 )  # fmt: skip
 _HEADER_COLUMNS = ("id", "click") + AVAZU_FIELD_NAMES
+AVAZU_FORMAT = TextFormat(",", quoting=False)  # the header names the columns
+AVAZU_ROLES = Roles("click", ignore=("id",), fields=AVAZU_FIELD_NAMES)
 
 
-def _avazu_format(path):
-    """The LineFormat for this file, with columns located by its header (which must have exactly
-    ``id``, ``click`` and the 22 fields, in any order)."""
+def _check_header(path):
+    """The header must have exactly ``id``, ``click`` and the 22 fields, in any order."""
     with open(path, encoding="latin-1", newline="\n") as lines:
         header = lines.readline().rstrip("\r\n").split(",")
     missing = [name for name in _HEADER_COLUMNS if name not in header]
@@ -26,23 +26,12 @@ def _avazu_format(path):
     if missing or unexpected or repeated:
         raise ValueError(f"{path}, line 1: expected the Avazu header with columns {','.join(_HEADER_COLUMNS)}; "
                          f"missing {missing}, unexpected {unexpected}, repeated {repeated}")
-    label_column = header.index("click")
-    select_fields = operator.itemgetter(*(header.index(name) for name in AVAZU_FIELD_NAMES))
-    width = len(header)
-
-    def parse_avazu_row(line):
-        columns = line.split(",")
-        if len(columns) != width:
-            raise MalformedLine(f"expected {width} comma-separated columns, found {len(columns)}")
-        return parse_label(columns[label_column]), select_fields(columns)
-
-    return LineFormat("avazu", AVAZU_FIELD_NAMES, parse_avazu_row, header_lines=1)
 
 
 def load_avazu(path, min_count=10, cache_dir=None, max_rows=None, on_error="raise"):
     """Load Avazu's ``train``: 22 categorical fields (``hour`` kept raw), label ``click``, ``id`` dropped.
 
-    Same rare-value rule, streaming, caching and malformed-line handling as :func:`load_criteo`;
+    Same rare-value rule, reading, caching and malformed-line handling as :func:`load_criteo`;
     line numbers count the header as line 1. A header that is not Avazu's raises ValueError
     whatever ``on_error`` says, since no line of such a file could be read correctly.
     """
@@ -50,4 +39,5 @@ def load_avazu(path, min_count=10, cache_dir=None, max_rows=None, on_error="rais
         raise ValueError(f"avazu data file {path} is a folder; expected the data file itself")
     if not Path(path).is_file():
         raise FileNotFoundError(f"avazu data file not found: {path}")
-    return encode_ctr_file(path, _avazu_format(path), min_count, cache_dir, max_rows, on_error)
+    _check_header(path)
+    return encode_table(path, "avazu", AVAZU_ROLES, AVAZU_FORMAT, min_count, cache_dir, max_rows, on_error)

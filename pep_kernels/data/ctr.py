@@ -21,7 +21,8 @@ class BagField:
 
     def __post_init__(self):
         self.name = str(self.name)
-        if isinstance(self.num_values, bool) or not isinstance(self.num_values, numbers.Integral) or self.num_values < 1:
+        num_values = self.num_values
+        if isinstance(num_values, bool) or not isinstance(num_values, numbers.Integral) or num_values < 1:
             raise ValueError(f"bag {self.name!r}: num_values must be an int >= 1, got {self.num_values!r}")
         self.num_values = int(self.num_values)
         for what, tensor in (("values", self.values), ("offsets", self.offsets)):
@@ -94,14 +95,14 @@ class CTRData:
             raise ValueError(f"every field needs at least one id, got field_dims {self.field_dims}")
         if len(self.x) == 0:
             return
-        below = self.x.amin(0) < 0
-        above = self.x.amax(0) >= torch.tensor(self.field_dims)
-        if (below | above).any():
-            f = int((below | above).nonzero()[0])
-            raise ValueError(
-                f"field {self.field_names[f]!r} has ids in [{int(self.x[:, f].min())}, {int(self.x[:, f].max())}], "
-                f"expected 0 .. {self.field_dims[f] - 1}"
-            )
+        if self.x.device.type == "cpu":  # numpy reduces the rows of a (n, F) array ~10x faster than torch.amin(0)
+            low, high = self.x.numpy().min(0), self.x.numpy().max(0)
+        else:
+            low, high = self.x.amin(0).tolist(), self.x.amax(0).tolist()
+        for f, dim in enumerate(self.field_dims):
+            if low[f] < 0 or high[f] >= dim:
+                raise ValueError(f"field {self.field_names[f]!r} has ids in [{int(low[f])}, {int(high[f])}], "
+                                 f"expected 0 .. {dim - 1}")
         if not ((self.y == 0) | (self.y == 1)).all():
             raise ValueError(f"labels must be 0 or 1, got values {self.y.unique()[:10].tolist()}")
         self._check_bags_and_dense()
