@@ -34,22 +34,10 @@ import torch.nn.functional as F
 
 from pep_kernels import PEPEmbeddingBag, reference, soft_threshold_embedding_bag
 from pep_kernels.optim import Adagrad
+import fbgemm_baselines as fbgemm
+from fbgemm_baselines import FBGEMM_MISSING
 from shapes import SHAPES, make_bags, make_inputs
 
-try:
-    with warnings.catch_warnings():
-        # The CPU wheel lacks FBGEMM's SSD kernels and warns about each at import.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
-            ComputeDevice,
-            EmbeddingLocation,
-            OptimType,
-            SplitTableBatchedEmbeddingBagsCodegen,
-        )
-
-    FBGEMM_MISSING = None
-except (ImportError, OSError) as error:  # OSError: the wheel's library does not load with this torch
-    FBGEMM_MISSING = f"{type(error).__name__}: {error}"
 
 SHAPE = SHAPES["bags"]
 MODE = "feature_dim"
@@ -64,9 +52,9 @@ def inputs():
 
 
 def tbe(weight):
-    table = SplitTableBatchedEmbeddingBagsCodegen(
-        [(SHAPE.rows, SHAPE.dim, EmbeddingLocation.HOST, ComputeDevice.CPU)],
-        optimizer=OptimType.EXACT_ROWWISE_ADAGRAD, learning_rate=LR, eps=EPS,
+    table = fbgemm.SplitTableBatchedEmbeddingBagsCodegen(
+        [(SHAPE.rows, SHAPE.dim, fbgemm.EmbeddingLocation.HOST, fbgemm.ComputeDevice.CPU)],
+        optimizer=fbgemm.OptimType.EXACT_ROWWISE_ADAGRAD, learning_rate=LR, eps=EPS,
     )
     table.split_embedding_weights()[0].copy_(weight)
     return table

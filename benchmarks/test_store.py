@@ -31,19 +31,10 @@ import pytest
 import torch
 
 from pep_kernels import SparseRowStore
+import fbgemm_baselines as fbgemm
+from fbgemm_baselines import FBGEMM_MISSING
 from shapes import Shape, make_ids
 
-try:
-    with warnings.catch_warnings():
-        # The CPU wheel lacks FBGEMM's SSD kernels and warns about each at import.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        from fbgemm_gpu.split_embedding_configs import SparseType
-        from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation, PoolingMode
-        from fbgemm_gpu.split_table_batched_embeddings_ops_inference import IntNBitTableBatchedEmbeddingBagsCodegen
-
-    FBGEMM_MISSING = None
-except (ImportError, OSError) as error:  # OSError: the wheel's library does not load with this torch
-    FBGEMM_MISSING = f"{type(error).__name__}: {error}"
 
 ROWS = int(os.environ.get("STORE_BENCH_ROWS", 1_000_000))
 CASES = [(dim, density) for dim in (32, 64) for density in (0.01, 0.03, 0.10, 0.30)]
@@ -83,10 +74,10 @@ def fbgemm_table(table, weight_type):
     rows = table[kept]
     remap = torch.full((table.shape[0],), -1, dtype=torch.int32)
     remap[kept] = torch.arange(rows.shape[0], dtype=torch.int32)
-    sparse_type = {"fp32": SparseType.FP32, "fp16": SparseType.FP16, "int8": SparseType.INT8}[weight_type]
-    tbe = IntNBitTableBatchedEmbeddingBagsCodegen(
-        [("table", rows.shape[0], table.shape[1], sparse_type, EmbeddingLocation.HOST)], index_remapping=[remap],
-        pooling_mode=PoolingMode.SUM, device="cpu", output_dtype=SparseType.FP32)
+    sparse_type = getattr(fbgemm.SparseType, weight_type.upper())
+    tbe = fbgemm.IntNBitTableBatchedEmbeddingBagsCodegen(
+        [("table", rows.shape[0], table.shape[1], sparse_type, fbgemm.EmbeddingLocation.HOST)], index_remapping=[remap],
+        pooling_mode=fbgemm.PoolingMode.SUM, device="cpu", output_dtype=fbgemm.SparseType.FP32)
     tbe.initialize_weights()
     weights, scale_bias = tbe.split_embedding_weights()[0]
     d = table.shape[1]

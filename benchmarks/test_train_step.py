@@ -47,22 +47,10 @@ from torch import nn
 
 from pep_kernels import PEPEmbedding, reference
 from pep_kernels.optim import Adagrad, Adam
+import fbgemm_baselines as fbgemm
+from fbgemm_baselines import FBGEMM_MISSING
 from shapes import SHAPES, lookup_probabilities, make_ids, make_inputs
 
-try:
-    with warnings.catch_warnings():
-        # The CPU wheel lacks FBGEMM's SSD kernels and warns about each at import.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
-            ComputeDevice,
-            EmbeddingLocation,
-            OptimType,
-            SplitTableBatchedEmbeddingBagsCodegen,
-        )
-
-    FBGEMM_MISSING = None
-except (ImportError, OSError) as error:  # OSError: the wheel's library does not load with this torch
-    FBGEMM_MISSING = f"{type(error).__name__}: {error}"
 
 SHAPE_NAMES = ("criteo", "avazu", "skewed")
 BATCHES = 64
@@ -116,9 +104,9 @@ def train_steps(shape):
         return step
 
     def fbgemm():
-        tbe = SplitTableBatchedEmbeddingBagsCodegen(
-            [(shape.rows, shape.dim, EmbeddingLocation.HOST, ComputeDevice.CPU)],
-            optimizer=OptimType.EXACT_ROWWISE_ADAGRAD, learning_rate=ADAGRAD_LR, eps=ADAGRAD_EPS,
+        tbe = fbgemm.SplitTableBatchedEmbeddingBagsCodegen(
+            [(shape.rows, shape.dim, fbgemm.EmbeddingLocation.HOST, fbgemm.ComputeDevice.CPU)],
+            optimizer=fbgemm.OptimType.EXACT_ROWWISE_ADAGRAD, learning_rate=ADAGRAD_LR, eps=ADAGRAD_EPS,
         )
         tbe.split_embedding_weights()[0].copy_(weight)
         offsets = torch.arange(shape.lookups + 1)
