@@ -32,6 +32,7 @@ KINDS = {
     "lookup": "the soft-threshold lookup, forward and forward+backward (test_lookup.py, bench_gpu.py lookup)",
     "train_step": "one training step of the table (test_train_step.py, bench_gpu.py step)",
     "step_profile": "where a GPU training step's time goes: kernel time, launches, syncs (bench_gpu.py profile)",
+    "bags": "pooled bag lookups, forward+backward and the fused row-wise Adagrad step (test_bags.py)",
     "store": "lookups from a SparseRowStore (test_store.py::test_serve)",
     "store_bytes": "bytes of a SparseRowStore against its target, the dense table and FBGEMM "
                    "(test_store.py::test_store_bytes)",

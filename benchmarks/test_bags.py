@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from pep_kernels import PEPEmbeddingBag, reference, soft_threshold_embedding_bag
 from pep_kernels.optim import Adagrad
-import fbgemm_baselines as fbgemm
+import fbgemm_baselines as fb
 from fbgemm_baselines import FBGEMM_MISSING
 from shapes import SHAPES, make_bags, make_inputs
 
@@ -52,9 +52,9 @@ def inputs():
 
 
 def tbe(weight):
-    table = fbgemm.SplitTableBatchedEmbeddingBagsCodegen(
-        [(SHAPE.rows, SHAPE.dim, fbgemm.EmbeddingLocation.HOST, fbgemm.ComputeDevice.CPU)],
-        optimizer=fbgemm.OptimType.EXACT_ROWWISE_ADAGRAD, learning_rate=LR, eps=EPS,
+    table = fb.SplitTableBatchedEmbeddingBagsCodegen(
+        [(SHAPE.rows, SHAPE.dim, fb.EmbeddingLocation.HOST, fb.ComputeDevice.CPU)],
+        optimizer=fb.OptimType.EXACT_ROWWISE_ADAGRAD, learning_rate=LR, eps=EPS,
     )
     table.split_embedding_weights()[0].copy_(weight)
     return table

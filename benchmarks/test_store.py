@@ -31,7 +31,7 @@ import pytest
 import torch
 
 from pep_kernels import SparseRowStore
-import fbgemm_baselines as fbgemm
+import fbgemm_baselines as fb
 from fbgemm_baselines import FBGEMM_MISSING
 from shapes import Shape, make_ids
 
@@ -74,10 +74,10 @@ def fbgemm_table(table, weight_type):
     rows = table[kept]
     remap = torch.full((table.shape[0],), -1, dtype=torch.int32)
     remap[kept] = torch.arange(rows.shape[0], dtype=torch.int32)
-    sparse_type = getattr(fbgemm.SparseType, weight_type.upper())
-    tbe = fbgemm.IntNBitTableBatchedEmbeddingBagsCodegen(
-        [("table", rows.shape[0], table.shape[1], sparse_type, fbgemm.EmbeddingLocation.HOST)], index_remapping=[remap],
-        pooling_mode=fbgemm.PoolingMode.SUM, device="cpu", output_dtype=fbgemm.SparseType.FP32)
+    sparse_type = getattr(fb.SparseType, weight_type.upper())
+    tbe = fb.IntNBitTableBatchedEmbeddingBagsCodegen(
+        [("table", rows.shape[0], table.shape[1], sparse_type, fb.EmbeddingLocation.HOST)], index_remapping=[remap],
+        pooling_mode=fb.PoolingMode.SUM, device="cpu", output_dtype=fb.SparseType.FP32)
     tbe.initialize_weights()
     weights, scale_bias = tbe.split_embedding_weights()[0]
     d = table.shape[1]

@@ -47,7 +47,7 @@ from torch import nn
 
 from pep_kernels import PEPEmbedding, reference
 from pep_kernels.optim import Adagrad, Adam
-import fbgemm_baselines as fbgemm
+import fbgemm_baselines as fb
 from fbgemm_baselines import FBGEMM_MISSING
 from shapes import SHAPES, lookup_probabilities, make_ids, make_inputs
 
@@ -104,9 +104,9 @@ def train_steps(shape):
         return step
 
     def fbgemm():
-        tbe = fbgemm.SplitTableBatchedEmbeddingBagsCodegen(
-            [(shape.rows, shape.dim, fbgemm.EmbeddingLocation.HOST, fbgemm.ComputeDevice.CPU)],
-            optimizer=fbgemm.OptimType.EXACT_ROWWISE_ADAGRAD, learning_rate=ADAGRAD_LR, eps=ADAGRAD_EPS,
+        tbe = fb.SplitTableBatchedEmbeddingBagsCodegen(
+            [(shape.rows, shape.dim, fb.EmbeddingLocation.HOST, fb.ComputeDevice.CPU)],
+            optimizer=fb.OptimType.EXACT_ROWWISE_ADAGRAD, learning_rate=ADAGRAD_LR, eps=ADAGRAD_EPS,
         )
         tbe.split_embedding_weights()[0].copy_(weight)
         offsets = torch.arange(shape.lookups + 1)

@@ -197,7 +197,7 @@ def cmd_export(args):
     print(json.dumps(dict(stats, out=str(args.out))))
 
 
-BENCH_SUITES = ("lookup", "train_step", "store")
+BENCH_SUITES = ("lookup", "train_step", "bags", "store")
 
 
 def cmd_bench(args):
@@ -293,7 +293,8 @@ def main(argv=None):
     p = commands.add_parser("bench", help="run the CPU benchmark suites, print the ratio tables and append the "
                                           "measurements to benchmarks/data/*.csv")
     p.add_argument("suites", nargs="*", default=list(BENCH_SUITES), choices=BENCH_SUITES,
-                   help="lookup (soft-threshold op), train_step (a table's training step), store (serving)")
+                   help="lookup (soft-threshold op), train_step (a table's training step), bags (pooled bags), store "
+                        "(serving)")
     p.add_argument("-k", help="pytest -k expression selecting benchmarks")
     p.set_defaults(handler=cmd_bench)
 
