@@ -205,16 +205,20 @@ class PEPEmbedding(_FieldTable):
         """Brings every row up to date (a no-op unless the optimizer is `fast` Adam) and raises a
         deferred id error if the kernels recorded one (waits for the device)."""
         self.id_errors.wait()
+        self.catch_up()
+
+    def catch_up(self, rows=None, backend=None):
+        """`fast` Adam: replays the steps that `rows` (int64 ids; None: every row) skipped, in W and
+        per-row thresholds (a no-op for other optimizers)."""
         if self.optimizer is None or not (isinstance(self.optimizer, Adam) and self.optimizer.mode == "fast"):
             return
         step = self.optimizer_steps()
         if step == 0:
             return
-        # W and per-row thresholds in one pass.
         state = [t for name in self._optimized_parameters() for t in self._optimizer_state(name)]
         with torch.no_grad():
-            kernels(self.backend).row_optimizer_catch_up(state, None, self._adam_schedule(), self.optimizer.hparams(),
-                                                         step)
+            kernels(backend or self.backend).row_optimizer_catch_up(state, rows, self._adam_schedule(),
+                                                                    self.optimizer.hparams(), step)
 
     def train_forward(self, ids, backend, errors):
         """The fused lookup's forward (`FusedStepFunction`): (out, rows) of the flat ids; `errors`

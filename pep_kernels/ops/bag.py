@@ -97,6 +97,9 @@ class FusedBagStepFunction(torch.autograd.Function):
         ids, bag_offsets, per_sample_weights = ctx.saved_tensors
         grad_weights = None
         if ctx.needs_input_grad[2]:  # from the rows before the step moves them
+            # `fast` Adam's Triton forward catches rows up in registers only; this gradient reads
+            # them from memory (a host sync on the GPU, on this path alone).
+            table.catch_up(ids.to(torch.int64), ctx.backend)
             grad_weights = kernels(ctx.backend).soft_threshold_bag_backward(
                 grad_out, ids, bag_offsets, per_sample_weights, table.weight.detach(), table.threshold.detach(),
                 table.threshold_mode, table.gk, table.mode, table.padding_row, True)[3]
