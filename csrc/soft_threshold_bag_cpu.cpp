@@ -242,8 +242,7 @@ at::Tensor soft_threshold_bag_train_forward(const at::Tensor& ids, const at::Ten
                                             double gk, std::string_view pooling, int64_t padding_idx,
                                             std::string_view kind, at::ArrayRef<double> hparams,
                                             const std::optional<at::Tensor>& id_errors) {
-  TORCH_CHECK_VALUE(!weight_state.empty() && !threshold_state.empty(),
-                    "weight_state and threshold_state must start with the weight and the threshold");
+  const int64_t steps = steps_taken(weight_state, threshold_state, step);
   const at::Tensor& weight = weight_state[0];
   const at::Tensor& threshold = threshold_state[0];
   // Checked before any row moves: the catch-up reads the rows the ids name.
@@ -251,12 +250,7 @@ at::Tensor soft_threshold_bag_train_forward(const at::Tensor& ids, const at::Ten
   AT_DISPATCH_INDEX_TYPES(b.ids.scalar_type(), "pep_bag_train_forward_ids", [&] {
     check_ids(b.ids.data_ptr<index_t>(), b.ids.numel(), weight.size(0));
   });
-  const int64_t steps = step.item<int64_t>();
-  if (parse_optim(kind) == RowOptim::Adam && steps > 0) {
-    std::vector<at::Tensor> state(weight_state.begin(), weight_state.end());
-    if (threshold_state.size() == 4) state.insert(state.end(), threshold_state.begin(), threshold_state.end());
-    row_optimizer_catch_up(state, b.ids.to(at::kLong), schedule, hparams, steps);
-  }
+  catch_up_rows(weight_state, threshold_state, b.ids, schedule, parse_optim(kind), hparams, steps);
   return soft_threshold_bag_forward(ids, bag_offsets, per_sample_weights, weight, threshold, mode, gk, pooling,
                                     padding_idx, id_errors);
 }
@@ -273,46 +267,26 @@ at::Tensor soft_threshold_bag_backward_step(const at::Tensor& grad_out, const at
                                             const at::Tensor& bag_offsets,
                                             const std::optional<at::Tensor>& per_sample_weights,
                                             at::TensorList weight_state, at::TensorList threshold_state,
-                                            const at::Tensor& schedule, const at::Tensor& step_count,
-                                            std::string_view mode, double gk, std::string_view pooling,
-                                            int64_t padding_idx, std::string_view kind_name,
-                                            at::ArrayRef<double> hparams,
+                                            const at::Tensor& schedule, const at::Tensor& step, std::string_view mode,
+                                            double gk, std::string_view pooling, int64_t padding_idx,
+                                            std::string_view kind, at::ArrayRef<double> hparams,
                                             const std::optional<at::Tensor>& /*id_errors*/) {
-  const RowOptim kind = parse_optim(kind_name);
-  TORCH_CHECK_VALUE(!weight_state.empty() && !threshold_state.empty(),
-                    "weight_state and threshold_state must start with the weight and the threshold");
-  TORCH_CHECK_VALUE(step_count.dim() == 0 && step_count.scalar_type() == at::kLong &&
-                        step_count.device() == weight_state[0].device(),
-                    "step must be a 0-d int64 tensor on the table's device (the steps taken), got a ",
-                    step_count.scalar_type(), " tensor of shape ", step_count.sizes(), " on ", step_count.device());
-  const int64_t step = step_count.item<int64_t>() + 1;
+  const FusedStep fused{weight_state, threshold_state, schedule, parse_optim(kind), hparams,
+                        steps_taken(weight_state, threshold_state, step) + 1};
   const bool per_row = parse_bag_mode(mode).rows == RowSource::PerRow;
   const at::Tensor& weight = weight_state[0];
   const at::Tensor& threshold = threshold_state[0];
   at::Tensor grad_s;
-  if (kind == RowOptim::AdamDense) {
-    // Every row takes the step: the gradients of the rows the lookups reach, then one pass over
-    // the table. Both states are checked before either moves.
-    TORCH_CHECK_TYPE(weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kDouble,
-                     "row optimizers take float32 or float64 parameters, got ", weight.scalar_type());
-    AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "pep_bag_check_state", [&] {
-      optim_args<scalar_t>(weight_state, schedule, kind, hparams, step);
-      if (per_row) optim_args<scalar_t>(threshold_state, schedule, kind, hparams, step);
-    });
+  if (fused.kind == RowOptim::AdamDense) {
     auto [grad_w, grad_rows_s, rows, unused] = bag_backward(grad_out, ids, bag_offsets, per_sample_weights, weight,
                                                            threshold, mode, gk, pooling, padding_idx, true, nullptr);
-    row_optimizer_step(weight_state, rows, grad_w, schedule, kind_name, hparams, step);
-    if (per_row) {
-      row_optimizer_step(threshold_state, rows, grad_rows_s, schedule, kind_name, hparams, step);
-    } else {
-      grad_s = grad_rows_s;
-    }
+    dense_step(fused, per_row, rows, grad_w, grad_rows_s);
+    grad_s = grad_rows_s;
   } else {
-    const FusedStep fused{weight_state, threshold_state, schedule, kind, hparams, step};
     grad_s = std::get<1>(bag_backward(grad_out, ids, bag_offsets, per_sample_weights, weight, threshold, mode, gk,
                                       pooling, padding_idx, true, &fused));
   }
-  step_count.fill_(step);
+  step.fill_(fused.step);
   return per_row ? at::empty({0}, threshold.options()) : grad_s;
 }
 

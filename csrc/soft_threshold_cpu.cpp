@@ -190,6 +190,38 @@ at::Tensor shared_threshold_grad(const at::Tensor& contrib, const at::Tensor& s,
   return (-(total.view_as(s) * gk) * (1 - y) * y).view(threshold_sizes);
 }
 
+int64_t steps_taken(at::TensorList weight_state, at::TensorList threshold_state, const at::Tensor& step) {
+  TORCH_CHECK_VALUE(!weight_state.empty() && !threshold_state.empty(),
+                    "weight_state and threshold_state must start with the weight and the threshold");
+  TORCH_CHECK_VALUE(step.dim() == 0 && step.scalar_type() == at::kLong && step.device() == weight_state[0].device(),
+                    "step must be a 0-d int64 tensor on the table's device (the steps taken), got a ",
+                    step.scalar_type(), " tensor of shape ", step.sizes(), " on ", step.device());
+  return step.item<int64_t>();
+}
+
+void catch_up_rows(at::TensorList weight_state, at::TensorList threshold_state, const at::Tensor& rows,
+                   const at::Tensor& schedule, RowOptim kind, at::ArrayRef<double> hparams, int64_t steps) {
+  if (kind != RowOptim::Adam || steps == 0) return;
+  std::vector<at::Tensor> state(weight_state.begin(), weight_state.end());
+  if (threshold_state.size() == 4) state.insert(state.end(), threshold_state.begin(), threshold_state.end());
+  row_optimizer_catch_up(state, rows.to(at::kLong), schedule, hparams, steps);
+}
+
+void dense_step(const FusedStep& step, bool per_row, const at::Tensor& rows, const at::Tensor& grad_w,
+                const at::Tensor& grad_s) {
+  const at::Tensor& weight = step.weight_state[0];
+  TORCH_CHECK_TYPE(weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kDouble,
+                   "row optimizers take float32 or float64 parameters, got ", weight.scalar_type());
+  AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "pep_dense_step_check", [&] {
+    optim_args<scalar_t>(step.weight_state, step.schedule, step.kind, step.hparams, step.step);
+    if (per_row) optim_args<scalar_t>(step.threshold_state, step.schedule, step.kind, step.hparams, step.step);
+  });
+  row_optimizer_step(step.weight_state, rows, grad_w, step.schedule, "adam_dense", step.hparams, step.step);
+  if (per_row) {
+    row_optimizer_step(step.threshold_state, rows, grad_s, step.schedule, "adam_dense", step.hparams, step.step);
+  }
+}
+
 namespace {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
@@ -270,52 +302,34 @@ std::tuple<at::Tensor, at::Tensor> soft_threshold_train_forward(
     const at::Tensor& ids, at::TensorList weight_state, at::TensorList threshold_state, const at::Tensor& schedule,
     const at::Tensor& step, std::string_view mode, double gk, const std::optional<at::Tensor>& field_offsets,
     std::string_view kind, at::ArrayRef<double> hparams, const std::optional<at::Tensor>& id_errors) {
-  TORCH_CHECK_VALUE(!weight_state.empty() && !threshold_state.empty(),
-                    "weight_state and threshold_state must start with the weight and the threshold");
+  const int64_t steps = steps_taken(weight_state, threshold_state, step);
   const at::Tensor& weight = weight_state[0];
   const at::Tensor& threshold = threshold_state[0];
   check_inputs(ids, weight, threshold);
   const at::Tensor rows = lookup_rows(ids.contiguous(), field_offsets, weight.size(0));
-  const int64_t steps = step.item<int64_t>();
-  if (parse_optim(kind) == RowOptim::Adam && steps > 0) {
-    // W and a per-row threshold share their rows: caught up in one pass over the ids.
-    std::vector<at::Tensor> state(weight_state.begin(), weight_state.end());
-    if (threshold_state.size() == 4) state.insert(state.end(), threshold_state.begin(), threshold_state.end());
-    row_optimizer_catch_up(state, rows.to(at::kLong), schedule, hparams, steps);
-  }
+  catch_up_rows(weight_state, threshold_state, rows, schedule, parse_optim(kind), hparams, steps);
   return {forward_rows(rows, weight, threshold, mode, gk), rows};
 }
 
 at::Tensor soft_threshold_backward_step(const at::Tensor& grad_out, const at::Tensor& rows,
                                         at::TensorList weight_state, at::TensorList threshold_state,
                                         const at::Tensor& schedule, const at::Tensor& step, std::string_view mode,
-                                        double gk, std::string_view kind_name, at::ArrayRef<double> hparams,
+                                        double gk, std::string_view kind, at::ArrayRef<double> hparams,
                                         const std::optional<at::Tensor>& /*id_errors*/) {
-  const RowOptim kind = parse_optim(kind_name);
-  TORCH_CHECK_VALUE(!weight_state.empty() && !threshold_state.empty(),
-                    "weight_state and threshold_state must start with the weight and the threshold");
-  TORCH_CHECK_VALUE(step.dim() == 0 && step.scalar_type() == at::kLong && step.device().is_cpu(),
-                    "step must be a 0-d int64 CPU tensor (the steps taken), got ", step.scalar_type(), " of shape ",
-                    step.sizes());
-  const int64_t next = step.item<int64_t>() + 1;
+  const FusedStep fused{weight_state, threshold_state, schedule, parse_optim(kind), hparams,
+                        steps_taken(weight_state, threshold_state, step) + 1};
   const bool per_row = parse_mode(mode).rows == RowSource::PerRow;
   at::Tensor grad_s;
-  if (kind == RowOptim::AdamDense) {
-    // Every row takes the step: the sparse gradients, then the dense update.
+  if (fused.kind == RowOptim::AdamDense) {
     auto [grad_w, grad_threshold, distinct] =
         backward(grad_out, rows, weight_state[0], threshold_state[0], mode, gk, /*sparse=*/true, nullptr);
-    row_optimizer_step(weight_state, distinct, grad_w, schedule, kind_name, hparams, next);
-    if (per_row) {
-      row_optimizer_step(threshold_state, distinct, grad_threshold, schedule, kind_name, hparams, next);
-    } else {
-      grad_s = grad_threshold;
-    }
+    dense_step(fused, per_row, distinct, grad_w, grad_threshold);
+    grad_s = grad_threshold;
   } else {
-    const FusedStep fused{weight_state, threshold_state, schedule, kind, hparams, next};
     grad_s = std::get<1>(backward(grad_out, rows, weight_state[0], threshold_state[0], mode, gk,
                                   /*sparse=*/true, &fused));
   }
-  step.fill_(next);
+  step.fill_(fused.step);
   return grad_s.defined() && !per_row ? grad_s : at::empty({0}, threshold_state[0].options());
 }
 

@@ -50,4 +50,19 @@ struct FusedStep {
   int64_t step;
 };
 
+// The steps taken, from the training ops' `step` (a 0-d int64 tensor on the table's device), after
+// checking that both states start with their parameter.
+int64_t steps_taken(at::TensorList weight_state, at::TensorList threshold_state, const at::Tensor& step);
+
+// `fast` Adam (kind "adam") before a forward: brings the `rows` the lookups read of W and of a
+// per-row threshold up to step `steps`, in one pass over the rows. Nothing for other kinds.
+void catch_up_rows(at::TensorList weight_state, at::TensorList threshold_state, const at::Tensor& rows,
+                   const at::Tensor& schedule, RowOptim kind, at::ArrayRef<double> hparams, int64_t steps);
+
+// `adam_dense` (faithful Adam): every row of W and of a per-row threshold takes the step, with the
+// gradients `grad_w`, `grad_s` of the sorted distinct `rows` the lookups reach. Both states are
+// checked before either moves.
+void dense_step(const FusedStep& step, bool per_row, const at::Tensor& rows, const at::Tensor& grad_w,
+                const at::Tensor& grad_s);
+
 }  // namespace pep_kernels

@@ -81,25 +81,19 @@ def _check_plain_table(fqn, table):
                          "initialises it), got non-zero entries")
 
 
-def _pep_embedding(fqn, table, config):
+def _pep_table(fqn, table, config):
+    """The PEP counterpart of an nn.Embedding or nn.EmbeddingBag, with its weights."""
     _check_plain_table(fqn, table)
     weight = table.weight.detach()
-    pep = PEPEmbedding(table.num_embeddings, table.embedding_dim, sparse=table.sparse and config.optimizer is None,
-                       device=weight.device, dtype=weight.dtype, **config.table_arguments())
-    with torch.no_grad():
-        pep.weight.copy_(weight)
-    return pep
-
-
-def _pep_embedding_bag(fqn, table, config):
-    _check_plain_table(fqn, table)
-    if table.mode not in ("sum", "mean"):
-        raise ValueError(f"{fqn}: mode {table.mode!r}; PEP bags pool by 'sum' or 'mean'")
-    weight = table.weight.detach()
-    pep = PEPEmbeddingBag(table.num_embeddings, table.embedding_dim, mode=table.mode, padding_idx=table.padding_idx,
-                          include_last_offset=table.include_last_offset,
-                          sparse=table.sparse and config.optimizer is None, device=weight.device, dtype=weight.dtype,
-                          **config.table_arguments())
+    common = dict(sparse=table.sparse and config.optimizer is None, device=weight.device, dtype=weight.dtype,
+                  **config.table_arguments())
+    if isinstance(table, nn.EmbeddingBag):
+        if table.mode not in ("sum", "mean"):
+            raise ValueError(f"{fqn}: mode {table.mode!r}; PEP bags pool by 'sum' or 'mean'")
+        pep = PEPEmbeddingBag(table.num_embeddings, table.embedding_dim, mode=table.mode,
+                              padding_idx=table.padding_idx, include_last_offset=table.include_last_offset, **common)
+    else:
+        pep = PEPEmbedding(table.num_embeddings, table.embedding_dim, **common)
     with torch.no_grad():
         pep.weight.copy_(weight)
     return pep
@@ -114,17 +108,15 @@ def _pep_collection(fqn, collection, config, filter_fn):
     for name, table in collection.embedding_bags.items():
         table_fqn = f"{fqn}.embedding_bags.{name}".lstrip(".")
         if type(table) is nn.EmbeddingBag and filter_fn(table, table_fqn):
-            table, converted = _pep_embedding_bag(table_fqn, table, config), True
+            table, converted = _pep_table(table_fqn, table, config), True
         tables[name] = table
     return PEPEmbeddingBagCollection(collection, tables) if converted else None
 
 
 def _converted(fqn, module, config, filter_fn):
     """The PEP counterpart of `module` (None: not a table `convert` takes, or left out by filter_fn)."""
-    if type(module) is nn.Embedding:
-        return _pep_embedding(fqn, module, config) if filter_fn(module, fqn) else None
-    if type(module) is nn.EmbeddingBag:
-        return _pep_embedding_bag(fqn, module, config) if filter_fn(module, fqn) else None
+    if type(module) in (nn.Embedding, nn.EmbeddingBag):
+        return _pep_table(fqn, module, config) if filter_fn(module, fqn) else None
     collection_type = _torchrec_ebc_type()
     if collection_type is not None and type(module) is collection_type:
         return _pep_collection(fqn, module, config, filter_fn)

@@ -304,8 +304,8 @@ class PEPEmbedding(_FieldTable):
 
 class PEPEmbeddingBag(PEPEmbedding):
     """A drop-in for `nn.EmbeddingBag` whose table is soft-thresholded by learnable thresholds
-    (PEP): each bag pools the soft-thresholded rows of its ids in one pass (C++ on CPU), with no
-    (lookups, d) intermediate.
+    (PEP): each bag pools the soft-thresholded rows of its ids in one pass (C++ on CPU, Triton on
+    GPU), with no (lookups, d) intermediate.
 
     `forward(input, offsets=None, per_sample_weights=None)` takes nn.EmbeddingBag's forms: 2-D
     `input` (B, L) is B bags of L ids; 1-D `input` with `offsets`, the start of each bag (B,), or
@@ -316,9 +316,10 @@ class PEPEmbeddingBag(PEPEmbedding):
 
     The rest is `PEPEmbedding`'s: `threshold_mode` among the modes a bag can use (global,
     dimension, feature, feature_dim: the field modes need a field axis), `threshold_init`,
-    `threshold_slope`, `gk`, `sparse` (row-sparse gradients), `backend` ("auto", "cpu",
-    "reference"), `optimizer` (a fused `pep_kernels.optim` rule, its state in buffers) and the
-    table API (nnz, sparsity, pruned_weight, pruned_row_blocks, mask, dims_per_row, sync).
+    `threshold_slope`, `gk`, `sparse` (row-sparse gradients), `backend` ("auto", "cpu", "triton",
+    "reference"), `bounds_check`, `optimizer` (a fused `pep_kernels.optim` rule, its state in
+    buffers) and the table API (nnz, sparsity, pruned_weight, pruned_row_blocks, mask,
+    dims_per_row, sync).
     """
 
     def __init__(

@@ -243,6 +243,29 @@ def test_op_errors_name_the_problem():
         op(_state(param.half(), rule), torch.tensor([1, 2]), grads, sched, "adam", rule.hparams(), 1)
 
 
+def test_fused_step_op_errors_name_the_problem_and_move_nothing():
+    """The lookup's train forward and fused step check `step` and both states before any row moves
+    (the checks the bag ops share)."""
+    ops = torch.ops.pep_kernels
+    rule = Adam(mode="faithful")
+    weight, rows = torch.randn(6, 3), torch.tensor([1, 4, 1], dtype=torch.int32)
+    weight_state = _state(weight.clone(), rule)
+    sched = rule.schedule(4, torch.float32, "cpu")
+    args = ("feature_dim", 1.0)
+    with pytest.raises(ValueError, match="step must be a 0-d int64 tensor on the table's device"):
+        ops.soft_threshold_train_forward(rows.long(), weight_state, _state(torch.zeros(6, 3), rule), sched,
+                                         torch.tensor(0.0), *args, None, "adam", rule.hparams(), None)
+    with pytest.raises(ValueError, match="step must be a 0-d int64 tensor on the table's device"):
+        ops.soft_threshold_backward_step(torch.ones(3, 3), rows, weight_state, _state(torch.zeros(6, 3), rule),
+                                         sched, torch.tensor([0]), *args, "adam_dense", rule.hparams(), None)
+    bad_threshold_state = _state(torch.zeros(6, 3), rule)
+    bad_threshold_state[1] = torch.zeros(5, 3)
+    with pytest.raises(ValueError, match="exp_avg must have shape"):  # W's state is fine: W must not move either
+        ops.soft_threshold_backward_step(torch.ones(3, 3), rows, weight_state, bad_threshold_state, sched,
+                                         torch.tensor(0), *args, "adam_dense", rule.hparams(), None)
+    assert torch.equal(weight_state[0], weight) and not weight_state[1].any()
+
+
 def test_opcheck_row_optimizer_ops():
     rule = Adam(mode="fast")
     param = torch.randn(6, 3)

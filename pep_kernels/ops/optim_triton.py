@@ -52,6 +52,20 @@ def _adam_element(p, m, v, g, neg_step_size, bc2_sqrt, eps, weight_decay, beta2,
     return p, m, v
 
 
+@triton.jit
+def _adam_tile_in_place(p_ptr, m_ptr, v_ptr, off, mask, g, neg_step_size, bc2_sqrt, eps, weight_decay, beta2,
+                        one_minus_beta1, one_minus_beta2):
+    """Adam's step on the tile of p, m and v at `off`, in memory, with the loss gradient `g`."""
+    p = tl.load(p_ptr + off, mask=mask, other=0.0)
+    m = tl.load(m_ptr + off, mask=mask, other=0.0)
+    v = tl.load(v_ptr + off, mask=mask, other=0.0)
+    p, m, v = _adam_element(p, m, v, g, neg_step_size, bc2_sqrt, eps, weight_decay, beta2, one_minus_beta1,
+                            one_minus_beta2)
+    tl.store(p_ptr + off, p, mask=mask)
+    tl.store(m_ptr + off, m, mask=mask)
+    tl.store(v_ptr + off, v, mask=mask)
+
+
 # `fast` Adam's catch-up, as csrc/optim_rows.inc: skipped steps are replayed exactly in gaps of
 # up to _EXACT_GAP steps and before step _EXACT_BEFORE; the rest in closed-form segments of up to
 # _SEGMENT_STEPS steps.
@@ -288,15 +302,9 @@ def _dense_adam_kernel(
         offs_d = d0 + tl.arange(0, BLOCK_D)
         mask = mask_r[:, None] & (offs_d < cols)[None, :]
         off = offs_r[:, None] * cols + offs_d[None, :]
-        p = tl.load(p_ptr + off, mask=mask, other=0.0)
-        m = tl.load(m_ptr + off, mask=mask, other=0.0)
-        v = tl.load(v_ptr + off, mask=mask, other=0.0)
         g = tl.load(grads_ptr + grad_index[:, None] * cols + offs_d[None, :], mask=mask & has_grad, other=0.0)
-        p, m, v = _adam_element(p, m, v, g, neg_step_size, bc2_sqrt, eps, weight_decay, beta2,
-                                one_minus_beta1, one_minus_beta2)
-        tl.store(p_ptr + off, p, mask=mask)
-        tl.store(m_ptr + off, m, mask=mask)
-        tl.store(v_ptr + off, v, mask=mask)
+        _adam_tile_in_place(p_ptr, m_ptr, v_ptr, off, mask, g, neg_step_size, bc2_sqrt, eps, weight_decay, beta2,
+                            one_minus_beta1, one_minus_beta2)
 
 
 def _tile(cols):

@@ -16,7 +16,8 @@ from triton.runtime.interpreter import InterpretedFunction
 from .._validation import PER_FIELD, PER_ROW, mode_layout
 from .indices import BAD_ID, BAD_OFFSET, NO_ERROR, SCHEDULE_EXHAUSTED
 from . import optim_triton
-from .optim_triton import KIND_CODES, _adam_element, _adam_replay, _fp32, _scalars, _segments, _unfused_product
+from .optim_triton import (KIND_CODES, _adam_element, _adam_replay, _adam_tile_in_place, _fp32, _scalars, _segments,
+                           _unfused_product)
 
 _NO_ERROR, _BAD_ID, _BAD_OFFSET = tl.constexpr(NO_ERROR), tl.constexpr(BAD_ID), tl.constexpr(BAD_OFFSET)
 _SCHEDULE_EXHAUSTED = tl.constexpr(SCHEDULE_EXHAUSTED)
@@ -531,15 +532,9 @@ def _faithful_adam_kernel(
         offs_d = d0 + tl.arange(0, BLOCK_D)
         mask = mask_r[:, None] & (offs_d < cols)[None, :]
         off = offs_r[:, None] * cols + offs_d[None, :]
-        p = tl.load(p_ptr + off, mask=mask, other=0.0)
-        m = tl.load(m_ptr + off, mask=mask, other=0.0)
-        v = tl.load(v_ptr + off, mask=mask, other=0.0)
         g = tl.load(grads_ptr + off, mask=mask, other=0.0)
-        p, m, v = _adam_element(p, m, v, g, neg_step_size, bc2_sqrt, eps, weight_decay, beta2, one_minus_beta1,
-                                one_minus_beta2)
-        tl.store(p_ptr + off, p, mask=mask)
-        tl.store(m_ptr + off, m, mask=mask)
-        tl.store(v_ptr + off, v, mask=mask)
+        _adam_tile_in_place(p_ptr, m_ptr, v_ptr, off, mask, g, neg_step_size, bc2_sqrt, eps, weight_decay, beta2,
+                            one_minus_beta1, one_minus_beta2)
     if FINISH_STEP:
         _finish_step(counter_ptr, step_ptr)
 
